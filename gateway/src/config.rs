@@ -1,0 +1,140 @@
+//! Settings: every one a CLI flag with an environment variable, validated
+//! before any port is bound.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// A gateway node.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "gateway", version, about)]
+pub struct Config {
+    /// Address for WebSocket and HTTP (metrics, health, route).
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8084")]
+    pub listen: SocketAddr,
+
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+
+    /// Redis, for ring membership.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// HS256 secret shared with the backend. Required: a default secret
+    /// would be a forgeable one.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+
+    /// This node's id: names its queue `gateway.<id>` and its ring points.
+    /// Defaults to `gw-<listen port>`.
+    #[arg(long, env = "GATEWAY_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// The ws:// base URL clients use to reach this node.
+    /// Defaults to `ws://127.0.0.1:<listen port>`.
+    #[arg(long, env = "GATEWAY_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// Devices one user may hold on this node; one more is closed with 4029.
+    #[arg(long, env = "GATEWAY_MAX_DEVICES_PER_USER", default_value_t = 10)]
+    pub max_devices_per_user: usize,
+
+    /// Frames a device may have queued; one more closes it with 4008.
+    /// Small on purpose: the kernel socket buffer already absorbs bursts,
+    /// and a device that is this far behind is not keeping up.
+    #[arg(long, env = "GATEWAY_SEND_QUEUE", default_value_t = 512)]
+    pub send_queue: usize,
+
+    /// Largest client frame or message, in bytes; bigger closes with 1009.
+    #[arg(long, env = "GATEWAY_MAX_CLIENT_FRAME", default_value_t = 4096)]
+    pub max_client_frame: usize,
+
+    /// Server ping interval. A device silent for two intervals is dropped.
+    #[arg(long, env = "GATEWAY_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// Most connections this process holds (WebSocket and HTTP). Keep it
+    /// under the open-file limit (20,000 here), leaving room for the broker,
+    /// Redis and proxied connections.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 19_500)]
+    pub max_connections: usize,
+
+    /// RabbitMQ prefetch: unacknowledged messages in flight to this node.
+    #[arg(long, env = "GATEWAY_PREFETCH", default_value_t = 512)]
+    pub prefetch: u16,
+
+    /// How long shutdown waits for devices to take their 1001 and go.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Checks what clap cannot and fills in derived defaults. The error
+    /// names the setting.
+    pub fn validate(mut self) -> Result<Config, String> {
+        if self.jwt_secret.len() < 16 {
+            return Err("JWT_SECRET (--jwt-secret) must be at least 16 bytes".into());
+        }
+        let port = self.listen.port();
+        let node_id = self.node_id.take().unwrap_or_else(|| format!("gw-{port}"));
+        let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        if node_id.is_empty() || node_id.len() > 64 || !node_id.chars().all(valid) {
+            return Err(format!(
+                "GATEWAY_NODE_ID (--node-id) {node_id:?} must be 1-64 of [A-Za-z0-9._-]"
+            ));
+        }
+        self.node_id = Some(node_id);
+        let url = self.advertise_url.take().unwrap_or_else(|| format!("ws://127.0.0.1:{port}"));
+        if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+            return Err(format!("GATEWAY_ADVERTISE_URL (--advertise-url) {url:?} must start with ws:// or wss://"));
+        }
+        self.advertise_url = Some(url.trim_end_matches('/').to_owned());
+        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
+            return Err(format!("AMQP_URL (--amqp-url) {:?} must be an amqp:// URL", self.amqp_url));
+        }
+        if self.max_devices_per_user == 0 {
+            return Err("GATEWAY_MAX_DEVICES_PER_USER must be at least 1".into());
+        }
+        if self.send_queue == 0 {
+            return Err("GATEWAY_SEND_QUEUE must be at least 1".into());
+        }
+        if self.max_client_frame < 125 {
+            return Err("GATEWAY_MAX_CLIENT_FRAME must be at least 125 (a control frame)".into());
+        }
+        if self.ping_interval.is_zero() {
+            return Err("GATEWAY_PING_INTERVAL must be positive".into());
+        }
+        Ok(self)
+    }
+
+    pub fn node_id(&self) -> &str {
+        self.node_id.as_deref().expect("validated")
+    }
+
+    pub fn advertise_url(&self) -> &str {
+        self.advertise_url.as_deref().expect("validated")
+    }
+
+    /// A config for tests and embedding: defaults, with the given secret.
+    pub fn for_tests(jwt_secret: &str) -> Config {
+        Config::parse_from(["gateway", "--jwt-secret", jwt_secret])
+    }
+}
+
+/// Parses `500ms`, `20s`, `2m` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,185 @@
+//! One device's connection after the upgrade: the reader runs in the
+//! connection's task, the writer in a task of its own, and they share only
+//! the device's outbox.
+
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::frame::{self, ClientFrame, FrameReader, ReadError};
+use crate::outbox::{Batch, Close, Queued};
+use crate::sessions::{CLOSE_TOO_MANY_DEVICES, Device};
+use crate::state::Gateway;
+
+/// After our close frame, how long we keep reading for the client's close
+/// before dropping the socket (so the client reads our close frame rather
+/// than a reset).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// A write that makes no progress for this long means the peer is gone.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most buffers handed to one `writev` (Linux allows 1024).
+const MAX_IOVECS: usize = 64;
+
+/// Serves an upgraded WebSocket for an authenticated user until it closes.
+pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, user: String, token_expires_at: u64) {
+    let (stream, pre_read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        }
+    };
+    let (rd, mut wr) = stream.into_split();
+    // Bytes the client sent right behind its handshake come first.
+    let mut rd = AsyncReadExt::chain(std::io::Cursor::new(pre_read), rd);
+
+    let device = match gw.sessions.register(&user, token_expires_at) {
+        Ok(d) => d,
+        Err(e) => {
+            gw.metrics.opened_too_many_devices.increment(1);
+            let close = frame::close(CLOSE_TOO_MANY_DEVICES, &e.to_string());
+            if write_with_timeout(&mut wr, &close).await.is_ok() {
+                let _ = wr.shutdown().await;
+                linger(&mut rd).await;
+            }
+            return;
+        }
+    };
+    gw.metrics.opened_ok.increment(1);
+    let mut writer = tokio::spawn(write_loop(gw.clone(), wr, device.clone()));
+
+    let mut reader = FrameReader::new(gw.config.max_client_frame);
+    let writer_done = loop {
+        tokio::select! {
+            // `FrameReader::next` is cancel-safe, so it may lose this race.
+            r = reader.next(&mut rd) => {
+                device.missed_pings.store(0, Ordering::Relaxed);
+                match r {
+                    Ok(ClientFrame::Ping(payload)) => device.outbox.push_control(frame::encode(frame::OP_PONG, &payload)),
+                    Ok(ClientFrame::Pong | ClientFrame::Data) => {}
+                    Ok(ClientFrame::Close(code)) => {
+                        // Echo the client's code, as RFC 6455 asks.
+                        let code = code.filter(|c| (1000..5000).contains(c)).unwrap_or(1000);
+                        device.outbox.close(Close::Frame { code, reason: String::new() });
+                        break false;
+                    }
+                    Err(ReadError::TooBig) => {
+                        gw.metrics.oversize_closes.increment(1);
+                        device.outbox.close(Close::Frame { code: 1009, reason: "frame too big".into() });
+                        break false;
+                    }
+                    Err(ReadError::Protocol(why)) => {
+                        device.outbox.close(Close::Frame { code: 1002, reason: why.into() });
+                        break false;
+                    }
+                    Err(ReadError::Eof | ReadError::Io(_)) => {
+                        device.outbox.close(Close::Abort);
+                        break false;
+                    }
+                }
+            }
+            _ = &mut writer => break true,
+        }
+    };
+    // Our writer stops on its own; the stream state of the reader may be
+    // mid-frame now, so only raw bytes are drained from here on.
+    let wrote_close = if writer_done { true } else { (&mut writer).await.unwrap_or(false) };
+    gw.sessions.unregister(&device);
+    if wrote_close {
+        linger(&mut rd).await;
+    }
+}
+
+/// Reads and drops bytes until the peer closes or the linger time is up.
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    let mut scratch = [0u8; 256];
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Ok(n) = rd.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Writes the device's frames until it is closed. Returns whether a close
+/// frame was written (so the peer deserves a linger).
+async fn write_loop(gw: Arc<Gateway>, mut wr: OwnedWriteHalf, device: Arc<Device>) -> bool {
+    loop {
+        let Batch { mut frames, control, close } = device.outbox.take().await;
+        let n = frames.len();
+        let mut bufs: Vec<Bytes> = control;
+        let published: Vec<u64> = frames.iter().map(|q| q.published_at_us).collect();
+        bufs.extend(frames.drain(..).map(|Queued { frame, .. }| frame));
+        if let Some(Close::Frame { code, reason }) = &close {
+            bufs.push(frame::close(*code, reason));
+        }
+        if let Err(e) = write_all(&mut wr, &mut bufs).await {
+            tracing::debug!(device = device.id, "write failed: {e}");
+            gw.metrics.write_failed.increment(n as u64);
+            device.outbox.close(Close::Abort);
+            return false;
+        }
+        if n > 0 {
+            gw.metrics.delivered.increment(n as u64);
+            let now = contract::event::now_micros();
+            for p in published {
+                gw.metrics.latency.record(now.saturating_sub(p) as f64 / 1e6);
+            }
+        }
+        match close {
+            None => {}
+            Some(Close::Abort) => return false,
+            Some(Close::Frame { .. }) => {
+                let _ = wr.shutdown().await;
+                return true;
+            }
+        }
+    }
+}
+
+/// Writes every buffer, `MAX_IOVECS` per syscall, each write bounded by
+/// the stall timeout.
+async fn write_all(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+    let mut start = 0;
+    while start < bufs.len() {
+        let end = (start + MAX_IOVECS).min(bufs.len());
+        let slices: Vec<IoSlice<'_>> = bufs[start..end].iter().map(|b| IoSlice::new(b)).collect();
+        let written = tokio::time::timeout(WRITE_STALL_TIMEOUT, wr.write_vectored(&slices))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))??;
+        drop(slices);
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = written;
+        while left > 0 {
+            let b = &mut bufs[start];
+            let take = left.min(b.len());
+            b.advance(take);
+            left -= take;
+            if b.is_empty() {
+                start += 1;
+            }
+        }
+        while start < bufs.len() && bufs[start].is_empty() {
+            start += 1;
+        }
+    }
+    Ok(())
+}
+
+async fn write_with_timeout(wr: &mut OwnedWriteHalf, buf: &[u8]) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_STALL_TIMEOUT, wr.write_all(buf))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))?
+}

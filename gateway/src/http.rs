@@ -1,0 +1,126 @@
+//! HTTP on the gateway port: the WebSocket endpoints (authenticated before
+//! any upgrade), `/v1/route`, `/metrics`, `/healthz` and `/readyz`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use contract::slot::slot_of;
+use contract::token::{self, Claims, TokenError};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::connection;
+use crate::state::{Gateway, SocketGuard};
+
+pub type Body = Full<Bytes>;
+
+/// The WebSocket paths: the OTUS one and a short alias.
+pub const WS_PATHS: [&str; 2] = ["/post/feed/posted", "/posts"];
+
+pub async fn handle(
+    gw: Arc<Gateway>,
+    guard: Arc<SocketGuard>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let resp = match (req.method(), path) {
+        (&Method::GET, p) if WS_PATHS.contains(&p) => websocket(gw, guard, req),
+        (&Method::GET, "/v1/route") => route(&gw, &req),
+        (&Method::GET, "/metrics") => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(gw.prometheus.render())))
+            .expect("static response"),
+        (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+        (&Method::GET, "/readyz") => {
+            if gw.is_ready() {
+                json(StatusCode::OK, r#"{"status":"ready"}"#.into())
+            } else if gw.is_draining() {
+                message(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            } else {
+                message(StatusCode::SERVICE_UNAVAILABLE, "broker consumer not up")
+            }
+        }
+        _ => message(StatusCode::NOT_FOUND, "not found"),
+    };
+    Ok(resp)
+}
+
+fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incoming>) -> Response<Body> {
+    if gw.is_draining() {
+        gw.metrics.opened_draining.increment(1);
+        return message(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down, reconnect");
+    }
+    let claims = match authenticate(&gw, &req) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        gw.metrics.opened_bad_request.increment(1);
+        return message(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
+    }
+    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            gw.metrics.opened_bad_request.increment(1);
+            return message(StatusCode::BAD_REQUEST, &format!("bad WebSocket handshake: {e}"));
+        }
+    };
+    let task_gw = gw.clone();
+    gw.tasks.spawn(async move {
+        let _guard = guard;
+        match upgrade.await {
+            // fastwebsockets' own framing is set aside (see `frame`): take
+            // the raw upgraded stream back.
+            Ok(ws) => connection::serve(task_gw, ws.into_inner().into_inner(), claims.sub, claims.exp).await,
+            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        }
+    });
+    resp.map(|_| Full::new(Bytes::new()))
+}
+
+/// `GET /v1/route`: which node owns the caller, for clients that want to
+/// connect to it directly.
+fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+    let claims = match authenticate(gw, req) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let slot = slot_of(&claims.sub);
+    let ring = gw.ring();
+    let Some(owner) = ring.owner(slot) else {
+        return message(StatusCode::SERVICE_UNAVAILABLE, "no gateway node is a ring member");
+    };
+    let body = serde_json::json!({
+        "user_id": claims.sub,
+        "slot": slot,
+        "node_id": owner.node_id,
+        "url": owner.url,
+    });
+    json(StatusCode::OK, body.to_string())
+}
+
+/// Verifies the request's token, or answers 401 with the reason.
+fn authenticate(gw: &Gateway, req: &Request<Incoming>) -> Result<Claims, Response<Body>> {
+    let result = match token::from_request(req.headers(), req.uri().query()) {
+        None => Err(TokenError::Missing),
+        Some(t) => gw.tokens.verify(t),
+    };
+    result.map_err(|e| {
+        gw.metrics.opened_unauthorized.increment(1);
+        message(StatusCode::UNAUTHORIZED, &e.to_string())
+    })
+}
+
+pub fn message(status: StatusCode, msg: &str) -> Response<Body> {
+    json(status, serde_json::json!({ "message": msg }).to_string())
+}
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response")
+}

@@ -1,0 +1,31 @@
+//! A gateway node: holds users' WebSocket devices, consumes the slots the
+//! ring gives it from RabbitMQ, and pushes every event to every device of
+//! each recipient.
+//!
+//! - [`config`]: settings (flags and environment), validated at start.
+//! - [`server`]: accept loop, node lifecycle, graceful shutdown.
+//! - [`http`]: the HTTP routes, authentication before upgrade.
+//! - [`connection`]: one device: reader in its task, writer in another.
+//! - [`frame`]: lean server-side WebSocket framing.
+//! - [`outbox`]: a device's bounded send queue.
+//! - [`sessions`]: user id to live devices (DashMap), delivery.
+//! - [`broker`]: RabbitMQ consumer, slot bindings, reconnects.
+//! - [`keepalive`]: pings, silent-peer and token-expiry sweeps.
+//! - [`metrics`]: Prometheus names and handles.
+//! - [`state`]: what the parts share.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod frame;
+pub mod http;
+pub mod keepalive;
+pub mod metrics;
+pub mod outbox;
+pub mod server;
+pub mod sessions;
+pub mod state;
+
+pub use config::Config;
+pub use server::{run, serve};
+pub use state::Gateway;

@@ -1,0 +1,192 @@
+//! A device's bounded send queue, shared by the producers (broker consumer,
+//! pinger, reader) and the device's one writer task.
+//!
+//! Not a tokio mpsc channel: that allocates a block of slots per channel up
+//! front, and an idle device should cost nothing. An empty `VecDeque`
+//! allocates nothing; the writer takes the whole queue in one swap.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// An encoded event frame and when it was published (unix microseconds).
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub frame: Bytes,
+    pub published_at_us: u64,
+}
+
+/// Why and how the writer should end the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Close {
+    /// Send a close frame with this code and reason, then end.
+    Frame { code: u16, reason: String },
+    /// End without a close frame (the peer is gone or stopped answering).
+    Abort,
+}
+
+/// What a push did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue was full: it was dropped and the device is being closed
+    /// with 4008. Carries the number of frames dropped (including this one).
+    Overflow(usize),
+    /// The device is already closing; the frame was not queued.
+    Closed,
+}
+
+/// Work for the writer, taken in one go.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub frames: VecDeque<Queued>,
+    /// Control frames (ping, pong) to write before the events.
+    pub control: Vec<Bytes>,
+    pub close: Option<Close>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Queued>,
+    control: Vec<Bytes>,
+    close: Option<Close>,
+    /// Set once the writer has taken the close: nothing more is accepted.
+    finished: bool,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    wake: Notify,
+    capacity: usize,
+}
+
+/// Close code for a device whose queue overflowed.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+impl Outbox {
+    pub fn new(capacity: usize) -> Outbox {
+        Outbox { state: Mutex::new(State::default()), wake: Notify::new(), capacity }
+    }
+
+    /// Queues an event frame. Never blocks: a full queue closes the device
+    /// instead of slowing the producer (and so every other device).
+    pub fn push(&self, item: Queued) -> Push {
+        let mut s = self.state.lock();
+        if s.close.is_some() || s.finished {
+            return Push::Closed;
+        }
+        if s.frames.len() >= self.capacity {
+            let dropped = s.frames.len() + 1;
+            s.frames = VecDeque::new();
+            s.close = Some(Close::Frame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() });
+            drop(s);
+            self.wake.notify_one();
+            return Push::Overflow(dropped);
+        }
+        let was_empty = s.frames.is_empty() && s.control.is_empty();
+        s.frames.push_back(item);
+        drop(s);
+        // The writer only sleeps on an empty queue, so only the first push
+        // after it emptied needs to wake it.
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Push::Queued
+    }
+
+    /// Queues a control frame (ping or pong). Not counted against the
+    /// capacity: there is at most one per ping interval or client ping.
+    pub fn push_control(&self, frame: Bytes) {
+        let mut s = self.state.lock();
+        if s.close.is_some() || s.finished || s.control.len() >= 4 {
+            return;
+        }
+        s.control.push(frame);
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// Asks the writer to close. The first reason wins; queued frames are
+    /// still written before the close frame.
+    pub fn close(&self, close: Close) {
+        let mut s = self.state.lock();
+        if s.close.is_none() && !s.finished {
+            s.close = Some(close);
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        let s = self.state.lock();
+        s.close.is_some() || s.finished
+    }
+
+    /// Waits for work and takes all of it. Cancel-safe: work is only taken
+    /// in the poll that returns it.
+    pub async fn take(&self) -> Batch {
+        loop {
+            {
+                let mut s = self.state.lock();
+                if !s.frames.is_empty() || !s.control.is_empty() || s.close.is_some() {
+                    let close = s.close.take();
+                    if close.is_some() {
+                        s.finished = true;
+                    }
+                    return Batch {
+                        frames: std::mem::take(&mut s.frames),
+                        control: std::mem::take(&mut s.control),
+                        close,
+                    };
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(n: u8) -> Queued {
+        Queued { frame: Bytes::from(vec![n]), published_at_us: 0 }
+    }
+
+    #[tokio::test]
+    async fn overflow_drops_the_queue_and_asks_for_4008() {
+        let o = Outbox::new(2);
+        assert_eq!(o.push(item(1)), Push::Queued);
+        assert_eq!(o.push(item(2)), Push::Queued);
+        assert_eq!(o.push(item(3)), Push::Overflow(3));
+        assert_eq!(o.push(item(4)), Push::Closed);
+        let b = o.take().await;
+        assert!(b.frames.is_empty());
+        assert_eq!(b.close, Some(Close::Frame { code: 4008, reason: "slow consumer".into() }));
+        assert_eq!(o.push(item(5)), Push::Closed);
+    }
+
+    #[tokio::test]
+    async fn close_keeps_queued_frames_and_first_reason_wins() {
+        let o = Outbox::new(8);
+        o.push(item(1));
+        o.close(Close::Frame { code: 1001, reason: "bye".into() });
+        o.close(Close::Abort);
+        let b = o.take().await;
+        assert_eq!(b.frames.len(), 1);
+        assert_eq!(b.close, Some(Close::Frame { code: 1001, reason: "bye".into() }));
+    }
+
+    #[tokio::test]
+    async fn take_wakes_on_push_from_another_task() {
+        let o = std::sync::Arc::new(Outbox::new(8));
+        let o2 = o.clone();
+        let t = tokio::spawn(async move { o2.take().await.frames.len() });
+        tokio::task::yield_now().await;
+        o.push(item(1));
+        assert_eq!(t.await.unwrap(), 1);
+    }
+}

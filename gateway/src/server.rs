@@ -1,0 +1,96 @@
+//! The accept loop and the node's life: start the broker consumer and the
+//! keepalive, serve connections, and on shutdown stop accepting, leave the
+//! broker, close devices with 1001 and drain under the grace timeout.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Config;
+use crate::outbox::Close;
+use crate::state::{Gateway, SocketGuard};
+use crate::{broker, http, keepalive};
+
+/// Close code sent to every device when the node shuts down.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// A client must finish its HTTP request head within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an accept error (EMFILE and friends) before trying again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Answer to a connection beyond `max_connections`, written without waiting.
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: 39\r\nconnection: close\r\n\r\n{\"message\":\"node at connection limit\"}";
+
+/// Runs a node on an already bound listener until `shutdown` resolves.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let gw = Gateway::new(config);
+    serve(gw, listener, shutdown).await
+}
+
+/// Like [`run`], for callers that keep a handle on the node (tests).
+pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    tracing::info!(node = gw.config.node_id(), addr = %listener.local_addr()?, "gateway listening");
+    let broker = tokio::spawn(broker::run(gw.clone()));
+    let keepalive = tokio::spawn(keepalive::run(gw.clone()));
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => accept(&gw, stream),
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!("shutting down: closing {} devices", gw.sessions.device_count());
+    drop(listener);
+    gw.shutdown.cancel();
+    let _ = broker.await;
+    let _ = keepalive.await;
+    gw.sessions.for_each_device(|d| {
+        d.outbox.close(Close::Frame { code: CLOSE_GOING_AWAY, reason: "node shutting down".into() })
+    });
+    gw.tasks.close();
+    if tokio::time::timeout(gw.config.shutdown_grace, gw.tasks.wait()).await.is_err() {
+        tracing::warn!("grace period over with {} devices still open", gw.sessions.device_count());
+    }
+    Ok(())
+}
+
+fn accept(gw: &Arc<Gateway>, stream: TcpStream) {
+    let Some(guard) = SocketGuard::try_new(gw) else {
+        gw.metrics.opened_over_capacity.increment(1);
+        let _ = stream.try_write(OVER_CAPACITY);
+        return;
+    };
+    // Events are small and batched by the writer: send them at once.
+    let _ = stream.set_nodelay(true);
+    let gw = gw.clone();
+    let tasks = gw.tasks.clone();
+    tasks.spawn(async move {
+        let svc_gw = gw.clone();
+        let service = service_fn(move |req| http::handle(svc_gw.clone(), guard.clone(), req));
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => { if let Err(e) = r { tracing::debug!("http connection: {e}"); } }
+            _ = gw.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    });
+}

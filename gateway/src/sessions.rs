@@ -1,0 +1,148 @@
+//! The devices this node holds, by user: a `DashMap` from user id to that
+//! user's live devices. Delivery reads one shard; connects and disconnects
+//! write one shard.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use crate::metrics::Metrics;
+use crate::outbox::{Close, Outbox, Push, Queued};
+
+/// Close code when a user already holds the maximum number of devices.
+pub const CLOSE_TOO_MANY_DEVICES: u16 = 4029;
+
+/// One connection of a user.
+#[derive(Debug)]
+pub struct Device {
+    pub id: u64,
+    pub user: Arc<str>,
+    pub outbox: Outbox,
+    /// Pings sent since the device last said anything; the reader resets it.
+    pub missed_pings: AtomicU8,
+    /// When the device's token expires (unix seconds).
+    pub token_expires_at: u64,
+}
+
+/// What delivering one frame to one user did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub queued: usize,
+    pub dropped: usize,
+    pub slow_closed: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("user already holds {0} devices")]
+pub struct TooManyDevices(pub usize);
+
+pub struct Sessions {
+    users: DashMap<Arc<str>, Vec<Arc<Device>>>,
+    next_id: AtomicU64,
+    max_devices: usize,
+    send_queue: usize,
+    metrics: Metrics,
+}
+
+impl Sessions {
+    pub fn new(max_devices: usize, send_queue: usize, metrics: Metrics) -> Sessions {
+        Sessions { users: DashMap::new(), next_id: AtomicU64::new(1), max_devices, send_queue, metrics }
+    }
+
+    pub fn register(&self, user: &str, token_expires_at: u64) -> Result<Arc<Device>, TooManyDevices> {
+        let device = |user: Arc<str>| {
+            Arc::new(Device {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                user,
+                outbox: Outbox::new(self.send_queue),
+                missed_pings: AtomicU8::new(0),
+                token_expires_at,
+            })
+        };
+        let d = match self.users.entry(Arc::from(user)) {
+            Entry::Occupied(mut e) => {
+                if e.get().len() >= self.max_devices {
+                    return Err(TooManyDevices(e.get().len()));
+                }
+                let d = device(e.key().clone());
+                e.get_mut().push(d.clone());
+                d
+            }
+            Entry::Vacant(e) => {
+                let d = device(e.key().clone());
+                e.insert(vec![d.clone()]);
+                self.metrics.users.increment(1.0);
+                d
+            }
+        };
+        self.metrics.connections.increment(1.0);
+        Ok(d)
+    }
+
+    pub fn unregister(&self, device: &Device) {
+        let mut removed = false;
+        let now_empty = match self.users.get_mut(&device.user) {
+            Some(mut devices) => {
+                let before = devices.len();
+                devices.retain(|d| d.id != device.id);
+                removed = devices.len() < before;
+                devices.is_empty()
+            }
+            None => false,
+        };
+        if now_empty && self.users.remove_if(&device.user, |_, v| v.is_empty()).is_some() {
+            self.metrics.users.decrement(1.0);
+        }
+        if removed {
+            self.metrics.connections.decrement(1.0);
+        }
+    }
+
+    /// Queues a frame on every device of `user`.
+    pub fn deliver(&self, user: &str, item: &Queued) -> Delivery {
+        let mut out = Delivery::default();
+        let Some(devices) = self.users.get(user) else {
+            return out;
+        };
+        for d in devices.iter() {
+            match d.outbox.push(item.clone()) {
+                Push::Queued => out.queued += 1,
+                Push::Overflow(n) => {
+                    out.dropped += n;
+                    out.slow_closed += 1;
+                }
+                Push::Closed => out.dropped += 1,
+            }
+        }
+        out
+    }
+
+    /// Calls `f` on every device (pinging, shutdown). Takes a snapshot of
+    /// the handles first so no shard lock is held while `f` runs.
+    pub fn for_each_device(&self, f: impl FnMut(&Arc<Device>)) {
+        let all: Vec<Arc<Device>> = self.users.iter().flat_map(|e| e.value().clone()).collect();
+        all.iter().for_each(f);
+    }
+
+    /// Closes every device of the users for whom `pred` is true.
+    pub fn close_where(&self, pred: impl Fn(&str) -> bool, close: Close) -> usize {
+        let mut n = 0;
+        self.for_each_device(|d| {
+            if pred(&d.user) {
+                d.outbox.close(close.clone());
+                n += 1;
+            }
+        });
+        n
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.users.iter().map(|e| e.value().len()).sum()
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+}

@@ -1,0 +1,91 @@
+//! What every part of a node shares: config, keys, sessions, the ring view,
+//! metrics, readiness and the shutdown signal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use contract::ring::{Member, Ring};
+use contract::token::Tokens;
+use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::{self, Metrics};
+use crate::sessions::Sessions;
+
+pub struct Gateway {
+    pub config: Config,
+    pub tokens: Tokens,
+    pub sessions: Sessions,
+    pub metrics: Metrics,
+    pub prometheus: PrometheusHandle,
+    /// The current ring. Readers clone the `Arc` and let go of the lock at once.
+    pub ring: RwLock<Arc<Ring>>,
+    /// True while the broker consumer is up (for `/readyz`).
+    pub broker_ready: AtomicBool,
+    /// Sockets open now (HTTP and WebSocket), against `max_connections`.
+    pub open_sockets: AtomicUsize,
+    /// Cancelled when the node starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Arc<Gateway> {
+        // The recorder must exist before handles are taken, or they are no-ops.
+        let prometheus = metrics::install();
+        let metrics = Metrics::new();
+        let me = Member { node_id: config.node_id().to_owned(), url: config.advertise_url().to_owned() };
+        let ring = Ring::new([me]);
+        metrics.ring_members.set(ring.members().len() as f64);
+        metrics.owned_slots.set(ring.slots_of(config.node_id()).len() as f64);
+        Arc::new(Gateway {
+            tokens: Tokens::new(config.jwt_secret.as_bytes()),
+            sessions: Sessions::new(config.max_devices_per_user, config.send_queue, metrics.clone()),
+            prometheus,
+            metrics,
+            ring: RwLock::new(Arc::new(ring)),
+            broker_ready: AtomicBool::new(false),
+            open_sockets: AtomicUsize::new(0),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            config,
+        })
+    }
+
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.read().clone()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.broker_ready.load(Ordering::Relaxed) && !self.is_draining()
+    }
+}
+
+/// Counts one open socket while alive; clones share the one count, so an
+/// upgraded WebSocket keeps its socket counted after hyper lets go of it.
+pub struct SocketGuard(Arc<Gateway>);
+
+impl SocketGuard {
+    /// Counts a socket, or refuses it when the node is at capacity.
+    pub fn try_new(gw: &Arc<Gateway>) -> Option<Arc<SocketGuard>> {
+        let max = gw.config.max_connections;
+        gw.open_sockets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Arc::new(SocketGuard(gw.clone())))
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.0.open_sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}

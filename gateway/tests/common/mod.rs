@@ -1,0 +1,283 @@
+//! Test harness: real gateway nodes in-process on 127.0.0.1:0, the real
+//! RabbitMQ, and real WebSocket clients (tokio-tungstenite, an independent
+//! implementation of the protocol).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use contract::event::{self, HEADER_PUBLISHED_AT, PostEvent};
+use contract::slot::{routing_key, slot_of};
+use contract::token::Tokens;
+use contract::topology::{self, EXCHANGE};
+use futures_util::{SinkExt, StreamExt};
+use gateway::{Config, Gateway};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Generous: CI machines are noisy; waits end as soon as the thing happens.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{}-{nanos:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn tokens() -> Tokens {
+    Tokens::new(SECRET.as_bytes())
+}
+
+pub fn token_for(user: &str) -> String {
+    tokens().issue(user, Duration::from_secs(3600))
+}
+
+pub struct Node {
+    pub addr: SocketAddr,
+    pub gw: Arc<Gateway>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub join: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Node {
+    /// Starts a node with test defaults, changed by `tweak`, and waits until
+    /// its broker consumer is up.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> Node {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = Config::for_tests(SECRET);
+        config.amqp_url = AMQP_URL.into();
+        config.listen = addr;
+        config.node_id = Some(unique("t"));
+        config.advertise_url = Some(format!("ws://{addr}"));
+        tweak(&mut config);
+        let config = config.validate().unwrap();
+        let gw = Gateway::new(config);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let join = tokio::spawn(gateway::serve(gw.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        let node = Node { addr, gw, stop: Some(tx), join: Some(join) };
+        node.wait_ready().await;
+        node
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_for("node ready", || async { http_get(self.addr, "/readyz").await.0 == 200 }).await;
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/post/feed/posted", self.addr)
+    }
+
+    /// Starts a graceful shutdown and returns once the node has stopped.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(j) = self.join.take() {
+            tokio::time::timeout(Duration::from_secs(30), j).await.expect("node stops").unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Polls `cond` until it holds, failing the test after `WAIT`.
+pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain HTTP/1.1 GET over a fresh socket: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    raw_request(addr, &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")).await
+}
+
+/// Sends raw request bytes and reads the whole answer: (status, body).
+pub async fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr).await else { return (0, String::new()) };
+    s.write_all(request.as_bytes()).await.unwrap();
+    // Read the head, then as much body as content-length says (the server
+    // may keep the connection open).
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                    .and_then(|v| v.parse::<usize>().ok());
+                if len.is_some_and(|n| body.len() >= n) {
+                    break;
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Connects a device with the token in `Authorization: Bearer`.
+pub async fn connect(node: &Node, user: &str) -> Ws {
+    let mut req = node.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {}", token_for(user)).parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("websocket connects");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// A publisher on the real broker, with confirms, as the backend publishes.
+pub struct Publisher {
+    _conn: Connection,
+    ch: Channel,
+}
+
+impl Publisher {
+    pub async fn new() -> Publisher {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        topology::declare_exchanges(&ch).await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        Publisher { _conn: conn, ch }
+    }
+
+    /// Publishes one message for `recipients`, routed by the first one's slot.
+    pub async fn publish(&self, recipients: &[&str], ev: &PostEvent) {
+        let body = event::encode(recipients, ev);
+        self.publish_raw(slot_of(recipients[0]), &body).await;
+    }
+
+    pub async fn publish_raw(&self, slot: u16, body: &[u8]) {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_PUBLISHED_AT.into(), AMQPValue::LongLongInt(event::now_micros() as i64));
+        self.ch
+            .basic_publish(
+                EXCHANGE.into(),
+                routing_key(slot).as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+pub fn post(id: &str) -> PostEvent {
+    PostEvent::new(id, &format!("text of {id}"), "author-1", event::now_micros() / 1000)
+}
+
+/// The next event frame, skipping control frames; panics on close or timeout.
+pub async fn next_event(ws: &mut Ws) -> PostEvent {
+    next_event_within(ws, WAIT).await.expect("an event arrives")
+}
+
+pub async fn next_event_within(ws: &mut Ws, within: Duration) -> Option<PostEvent> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()?;
+        match msg {
+            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).expect("event is JSON")),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the close frame and returns it; events before it are
+/// returned too.
+pub async fn read_until_close(ws: &mut Ws) -> (Vec<PostEvent>, Option<CloseFrame>) {
+    let mut events = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("close arrives") {
+            Some(Ok(Message::Text(t))) => events.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(c))) => return (events, c),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("socket error before close frame: {e}"),
+            None => return (events, None),
+        }
+    }
+}
+
+pub async fn send_text(ws: &mut Ws, text: String) {
+    ws.send(Message::Text(text.into())).await.unwrap();
+}
+
+/// A TCP forwarder to RabbitMQ whose connections a test can kill, to cut
+/// the gateway's AMQP connection like a broker crash or network blip.
+pub struct AmqpProxy {
+    pub addr: SocketAddr,
+    conns: Arc<parking_lot::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl AmqpProxy {
+    pub async fn start() -> AmqpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<parking_lot::Mutex<Vec<JoinHandle<()>>>> = Default::default();
+        let list = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let handle = tokio::spawn(async move {
+                    if let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+                list.lock().push(handle);
+            }
+        });
+        AmqpProxy { addr, conns }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    /// Drops every proxied connection at once.
+    pub fn kill_all(&self) -> usize {
+        let handles: Vec<_> = self.conns.lock().drain(..).collect();
+        let n = handles.len();
+        handles.into_iter().for_each(|h| h.abort());
+        n
+    }
+}
