@@ -226,7 +226,10 @@ pub async fn next_event_within(ws: &mut Ws, within: Duration) -> Option<PostEven
 
 /// Reads until the close frame and returns it; events before it are
 /// returned too.
-pub async fn read_until_close(ws: &mut Ws) -> (Vec<PostEvent>, Option<CloseFrame>) {
+pub async fn read_until_close<S>(ws: &mut WebSocketStream<S>) -> (Vec<PostEvent>, Option<CloseFrame>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut events = Vec::new();
     loop {
         match tokio::time::timeout(WAIT, ws.next()).await.expect("close arrives") {
