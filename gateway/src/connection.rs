@@ -38,7 +38,16 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, user: String, token_exp
         }
     };
     let (rd, mut wr) = stream.into_split();
-    // Bytes the client sent right behind its handshake come first.
+    // Bytes the client sent right behind its handshake come first. They are
+    // copied out: hyper's `Bytes` is a view into its whole 8 KiB connection
+    // read buffer (already dirtied by the request), and keeping even an
+    // empty view of it costs an idle device a resident page.
+    // (A block, so the original view is dropped here: shadowing would keep
+    // it alive in this future's state for the connection's whole life.)
+    let pre_read = {
+        let view = pre_read;
+        if view.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&view) }
+    };
     let mut rd = AsyncReadExt::chain(std::io::Cursor::new(pre_read), rd);
 
     let device = match gw.sessions.register(&user, token_expires_at) {

@@ -28,10 +28,13 @@ pub async fn handle(
     let resp = match (req.method(), path) {
         (&Method::GET, p) if WS_PATHS.contains(&p) => websocket(gw, guard, req),
         (&Method::GET, "/v1/route") => route(&gw, &req),
-        (&Method::GET, "/metrics") => Response::builder()
+        (&Method::GET, "/metrics") => {
+            gw.metrics.refresh_memory();
+            Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(gw.prometheus.render())))
-            .expect("static response"),
+            .expect("static response")
+        }
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         (&Method::GET, "/readyz") => {
             if gw.is_ready() {
@@ -54,7 +57,10 @@ fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incomin
     }
     let claims = match authenticate(&gw, &req) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => {
+            gw.metrics.opened_unauthorized.increment(1);
+            return resp;
+        }
     };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         gw.metrics.opened_bad_request.increment(1);
@@ -107,10 +113,7 @@ fn authenticate(gw: &Gateway, req: &Request<Incoming>) -> Result<Claims, Respons
         None => Err(TokenError::Missing),
         Some(t) => gw.tokens.verify(t),
     };
-    result.map_err(|e| {
-        gw.metrics.opened_unauthorized.increment(1);
-        message(StatusCode::UNAUTHORIZED, &e.to_string())
-    })
+    result.map_err(|e| message(StatusCode::UNAUTHORIZED, &e.to_string()))
 }
 
 pub fn message(status: StatusCode, msg: &str) -> Response<Body> {

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub owned_slots: Gauge,
     pub ring_members: Gauge,
     pub rebalances: Counter,
+    pub rss_bytes: Gauge,
+    pub heap_allocated: Gauge,
+    pub heap_resident: Gauge,
 }
 
 impl Metrics {
@@ -92,6 +95,9 @@ impl Metrics {
             owned_slots: gauge!("gateway_owned_slots"),
             ring_members: gauge!("gateway_ring_members"),
             rebalances: counter!("gateway_rebalances_total"),
+            rss_bytes: gauge!("gateway_process_rss_bytes"),
+            heap_allocated: gauge!("gateway_heap_allocated_bytes"),
+            heap_resident: gauge!("gateway_heap_resident_bytes"),
         }
     }
 }
@@ -99,5 +105,32 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// This process's resident set size, from `/proc/self/statm` (Linux).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+impl Metrics {
+    /// Refreshes the memory gauges (called when `/metrics` is scraped).
+    pub fn refresh_memory(&self) {
+        if let Some(rss) = resident_bytes() {
+            self.rss_bytes.set(rss as f64);
+        }
+        // jemalloc's own view: what the program holds vs what it keeps
+        // resident. Zero when the process does not use jemalloc (tests).
+        use tikv_jemalloc_ctl::{epoch, stats};
+        if epoch::advance().is_ok() {
+            if let Ok(a) = stats::allocated::read() {
+                self.heap_allocated.set(a as f64);
+            }
+            if let Ok(r) = stats::resident::read() {
+                self.heap_resident.set(r as f64);
+            }
+        }
     }
 }

@@ -1,0 +1,163 @@
+//! One simulated device: connects from a chosen source address to its
+//! user's owner node, then reads events and records what arrived.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use anyhow::Context;
+use bytes::Bytes;
+use fastwebsockets::{OpCode, WebSocket};
+use http_body_util::Empty;
+use hyper::Request;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::accounting::Latency;
+
+/// What all devices of a run share.
+pub struct Shared {
+    pub latency: Latency,
+    /// Devices connected now, per user index (the publisher reads it to
+    /// know how many deliveries an event should make).
+    pub connected_per_user: Vec<AtomicU32>,
+    pub connected: AtomicU64,
+    pub received: AtomicU64,
+    /// Unix micros of the latest receipt.
+    pub last_receipt_us: AtomicU64,
+    /// Close codes the gateways sent, for the report.
+    pub closes: parking_lot::Mutex<std::collections::BTreeMap<u16, u64>>,
+}
+
+impl Shared {
+    pub fn new(users: usize) -> Shared {
+        Shared {
+            latency: Latency::new(64),
+            connected_per_user: (0..users).map(|_| AtomicU32::new(0)).collect(),
+            connected: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            last_receipt_us: AtomicU64::new(0),
+            closes: Default::default(),
+        }
+    }
+}
+
+pub type Ws = WebSocket<TokioIo<Upgraded>>;
+
+/// Connects a device: bind the source address (port chosen at connect
+/// time, so ports are shared across destinations), TCP connect, upgrade.
+pub async fn connect(source: Ipv4Addr, ws_url: &str, token: &str) -> anyhow::Result<Ws> {
+    let hostport = ws_url.strip_prefix("ws://").context("ws:// URL")?;
+    let dest: SocketAddr = tokio::net::lookup_host(hostport).await?.next().context("gateway address")?;
+    let socket = TcpSocket::new_v4()?;
+    // Without this, bind() reserves a port per source address for all
+    // destinations, and one address runs out at ~28k connections.
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+    socket.bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))?;
+    let stream = socket.connect(dest).await?;
+    stream.set_nodelay(true)?;
+    let req = Request::builder()
+        .method("GET")
+        .uri(format!("http://{hostport}/post/feed/posted"))
+        .header("host", hostport)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-key", fastwebsockets::handshake::generate_key())
+        .header("sec-websocket-version", "13")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Empty::<Bytes>::new())?;
+    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await?;
+    Ok(ws)
+}
+
+/// Reads events until the connection ends or `stop` fires; returns the
+/// sequence numbers received, in arrival order.
+pub async fn read_events(
+    mut ws: Ws,
+    key: usize,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Vec<u32> {
+    let mut seqs = Vec::new();
+    loop {
+        // read_frame is not cancel-safe, but on stop the connection is
+        // abandoned, so a half-read frame does not matter.
+        let frame = tokio::select! {
+            f = ws.read_frame() => f,
+            _ = stop.cancelled() => break,
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(_) => break,
+        };
+        match frame.opcode {
+            OpCode::Text => {
+                let now = contract::event::now_micros();
+                if let Some((seq, published)) = parse_event(&frame.payload) {
+                    seqs.push(seq);
+                    shared.latency.record(key, now.saturating_sub(published));
+                    shared.received.fetch_add(1, Ordering::Relaxed);
+                    shared.last_receipt_us.fetch_max(now, Ordering::Relaxed);
+                }
+            }
+            OpCode::Close => {
+                let code = frame.payload.get(..2).map_or(1005, |b| u16::from_be_bytes([b[0], b[1]]));
+                *shared.closes.lock().entry(code).or_default() += 1;
+                break;
+            }
+            _ => {}
+        }
+    }
+    seqs
+}
+
+/// Reads `lt-<seq>` and the publish time (unix micros, in the post text).
+fn parse_event(payload: &[u8]) -> Option<(u32, u64)> {
+    #[derive(serde::Deserialize)]
+    struct Data<'a> {
+        #[serde(rename = "postText", borrow)]
+        post_text: &'a str,
+    }
+    #[derive(serde::Deserialize)]
+    struct Ev<'a> {
+        #[serde(borrow)]
+        id: &'a str,
+        #[serde(borrow)]
+        data: Data<'a>,
+    }
+    let ev: Ev = serde_json::from_slice(payload).ok()?;
+    let seq = ev.id.rsplit('-').next()?.parse().ok()?;
+    Some((seq, ev.data.post_text.parse().ok()?))
+}
+
+/// The event a run publishes for sequence number `seq`.
+pub fn event_for(seq: u32, published_us: u64) -> contract::event::PostEvent {
+    contract::event::PostEvent::new(&format!("lt-{seq}"), &published_us.to_string(), "lt-author", published_us / 1000)
+}
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_the_wire_format() {
+        let ev = event_for(42, 1_700_000_000_123_456);
+        let bytes = serde_json::to_vec(&ev).unwrap();
+        assert_eq!(parse_event(&bytes), Some((42, 1_700_000_000_123_456)));
+        assert_eq!(parse_event(b"{}"), None);
+    }
+}

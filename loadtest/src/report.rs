@@ -1,0 +1,112 @@
+//! The run's report: JSON (SPEC's "Load-test report" fields) and a summary
+//! table. Gateway memory comes from each node's `/metrics`.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::accounting::Tally;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub connections: Connections,
+    pub connect_rate_per_s: f64,
+    pub messages: Tally,
+    pub broker_messages_published: u64,
+    pub events_published: u64,
+    pub deliveries_per_s: f64,
+    pub latency_ms: LatencyMs,
+    pub gateways: Vec<GatewayMemory>,
+    /// Close codes the gateways sent to devices during the run.
+    pub close_codes: BTreeMap<u16, u64>,
+    pub params: serde_json::Value,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Connections {
+    pub target: u64,
+    pub established: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct LatencyMs {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl LatencyMs {
+    pub fn from_micros(h: &Histogram<u64>) -> LatencyMs {
+        if h.is_empty() {
+            return LatencyMs::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        LatencyMs {
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct GatewayMemory {
+    pub node_id: String,
+    /// Devices the gateway reports holding.
+    pub connections: u64,
+    pub rss_before_bytes: u64,
+    pub rss_after_bytes: u64,
+    /// (RSS after ramp-up - RSS before) / connections.
+    pub rss_per_connection_bytes: f64,
+}
+
+/// Reads one gauge from a gateway's `/metrics` (ws:// base URL).
+pub async fn scrape_gauge(ws_base: &str, name: &str) -> Option<f64> {
+    let hostport = ws_base.strip_prefix("ws://")?;
+    let mut s = tokio::net::TcpStream::connect(hostport).await.ok()?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nhost: {hostport}\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_string(&mut body)).await.ok()?.ok()?;
+    body.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.trim().parse().ok()
+    })
+}
+
+impl Report {
+    pub fn print_summary(&self) {
+        let c = &self.connections;
+        let m = &self.messages;
+        let l = &self.latency_ms;
+        println!("connections   target {}  established {}  failed {}  ({:.0}/s)", c.target, c.established, c.failed, self.connect_rate_per_s);
+        println!("events        {} published as {} broker messages", self.events_published, self.broker_messages_published);
+        println!(
+            "deliveries    expected {}  received {}  lost {}  duplicates {}  unexpected {}",
+            m.expected, m.received, m.lost, m.duplicates, m.unexpected
+        );
+        println!("throughput    {:.0} deliveries/s", self.deliveries_per_s);
+        println!("latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}", l.p50, l.p90, l.p99, l.p999, l.max);
+        for g in &self.gateways {
+            println!(
+                "gateway {:<10} {} connections  RSS {:.1} MiB -> {:.1} MiB  = {:.0} bytes/connection",
+                g.node_id,
+                g.connections,
+                g.rss_before_bytes as f64 / 1048576.0,
+                g.rss_after_bytes as f64 / 1048576.0,
+                g.rss_per_connection_bytes
+            );
+        }
+        if !self.close_codes.is_empty() {
+            println!("close codes   {:?}", self.close_codes);
+        }
+    }
+}
