@@ -5,9 +5,11 @@
 //! - [`ring`]: which gateway node owns a slot (consistent hashing, xxh3).
 //! - [`event`]: the RabbitMQ message body and headers, and the event clients see.
 //! - [`token`]: JWT claims, HS256 verification, and where a request carries its token.
+//! - [`membership`]: the Redis hash of live gateway nodes.
 //! - [`topology`]: RabbitMQ exchange and queue names and their declaration.
 
 pub mod event;
+pub mod membership;
 pub mod ring;
 pub mod slot;
 pub mod token;

@@ -1,0 +1,83 @@
+//! Gateway membership in Redis: who is in the ring.
+//!
+//! One hash, [`MEMBERS_KEY`]: field = node id, value = JSON
+//! `{"url": "ws://host:port", "heartbeat_ms": <unix ms>}`. A node rewrites
+//! its field every [`HEARTBEAT_INTERVAL`]; a field whose heartbeat is older
+//! than [`HEARTBEAT_TIMEOUT`] is not a member (and survivors delete it).
+//! Every process reads the whole hash with one `HGETALL` and builds the
+//! ring with [`crate::ring::Ring::new`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ring::Member;
+
+/// The Redis hash of gateway nodes.
+pub const MEMBERS_KEY: &str = "gateway:nodes";
+/// How often a node refreshes its heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A node is a member while its heartbeat is younger than this (SPEC: 5 s).
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a node writes into its field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub url: String,
+    pub heartbeat_ms: u64,
+}
+
+/// The live members of a `HGETALL` answer, sorted by node id. Unreadable
+/// and stale fields are left out.
+pub fn live_members(fields: &HashMap<String, String>, now_ms: u64, timeout: Duration) -> Vec<Member> {
+    let mut out: Vec<Member> = fields
+        .iter()
+        .filter_map(|(id, v)| {
+            let r: Record = serde_json::from_str(v).ok()?;
+            (now_ms.saturating_sub(r.heartbeat_ms) < timeout.as_millis() as u64)
+                .then(|| Member { node_id: id.clone(), url: r.url })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Fields of the hash whose heartbeat is stale (or unreadable).
+pub fn stale_fields(fields: &HashMap<String, String>, now_ms: u64, timeout: Duration) -> Vec<String> {
+    let live: Vec<String> = live_members(fields, now_ms, timeout).into_iter().map(|m| m.node_id).collect();
+    fields.keys().filter(|k| !live.contains(k)).cloned().collect()
+}
+
+/// Reads the live members from Redis.
+pub async fn fetch(conn: &mut impl redis::aio::ConnectionLike) -> redis::RedisResult<Vec<Member>> {
+    let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(MEMBERS_KEY).query_async(conn).await?;
+    Ok(live_members(&fields, now_ms(), HEARTBEAT_TIMEOUT))
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_fresh_readable_fields_are_members() {
+        let rec = |url: &str, hb: u64| serde_json::to_string(&Record { url: url.into(), heartbeat_ms: hb }).unwrap();
+        let fields: HashMap<String, String> = [
+            ("b".to_string(), rec("ws://b", 10_000)),
+            ("a".to_string(), rec("ws://a", 9_000)),
+            ("old".to_string(), rec("ws://old", 1_000)),
+            ("junk".to_string(), "{".to_string()),
+        ]
+        .into();
+        let live = live_members(&fields, 12_000, Duration::from_secs(5));
+        assert_eq!(live.iter().map(|m| m.node_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(live[0].url, "ws://a");
+        let mut stale = stale_fields(&fields, 12_000, Duration::from_secs(5));
+        stale.sort();
+        assert_eq!(stale, ["junk", "old"]);
+    }
+}
