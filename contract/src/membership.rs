@@ -1,6 +1,6 @@
 //! Gateway membership in Redis: who is in the ring.
 //!
-//! One hash, [`MEMBERS_KEY`]: field = node id, value = JSON
+//! One hash (default [`MEMBERS_KEY`]): field = node id, value = JSON
 //! `{"url": "ws://host:port", "heartbeat_ms": <unix ms>}`. A node rewrites
 //! its field every [`HEARTBEAT_INTERVAL`]; a field whose heartbeat is older
 //! than [`HEARTBEAT_TIMEOUT`] is not a member (and survivors delete it).
@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ring::Member;
 
-/// The Redis hash of gateway nodes.
+/// The default Redis hash of gateway nodes. Configurable (`--membership-key`)
+/// so several clusters, or tests, can share one Redis.
 pub const MEMBERS_KEY: &str = "gateway:nodes";
 /// How often a node refreshes its heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,9 +50,9 @@ pub fn stale_fields(fields: &HashMap<String, String>, now_ms: u64, timeout: Dura
     fields.keys().filter(|k| !live.contains(k)).cloned().collect()
 }
 
-/// Reads the live members from Redis.
-pub async fn fetch(conn: &mut impl redis::aio::ConnectionLike) -> redis::RedisResult<Vec<Member>> {
-    let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(MEMBERS_KEY).query_async(conn).await?;
+/// Reads the live members of the hash `key` from Redis.
+pub async fn fetch(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> redis::RedisResult<Vec<Member>> {
+    let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(key).query_async(conn).await?;
     Ok(live_members(&fields, now_ms(), HEARTBEAT_TIMEOUT))
 }
 
