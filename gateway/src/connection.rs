@@ -158,7 +158,7 @@ async fn write_loop(gw: Arc<Gateway>, mut wr: OwnedWriteHalf, device: Arc<Device
 
 /// Writes every buffer, `MAX_IOVECS` per syscall, each write bounded by
 /// the stall timeout.
-async fn write_all(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+async fn write_all(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
     let mut start = 0;
     while start < bufs.len() {
         let end = (start + MAX_IOVECS).min(bufs.len());

@@ -57,9 +57,9 @@ fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incomin
     }
     let claims = match authenticate(&gw, &req) {
         Ok(c) => c,
-        Err(resp) => {
+        Err(e) => {
             gw.metrics.opened_unauthorized.increment(1);
-            return resp;
+            return message(StatusCode::UNAUTHORIZED, &e.to_string());
         }
     };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
@@ -91,7 +91,7 @@ fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incomin
 fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     let claims = match authenticate(gw, req) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(e) => return message(StatusCode::UNAUTHORIZED, &e.to_string()),
     };
     let slot = slot_of(&claims.sub);
     let ring = gw.ring();
@@ -107,13 +107,12 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     json(StatusCode::OK, body.to_string())
 }
 
-/// Verifies the request's token, or answers 401 with the reason.
-fn authenticate(gw: &Gateway, req: &Request<Incoming>) -> Result<Claims, Response<Body>> {
-    let result = match token::from_request(req.headers(), req.uri().query()) {
+/// Verifies the request's token; the error is the reason to tell the client.
+fn authenticate(gw: &Gateway, req: &Request<Incoming>) -> Result<Claims, TokenError> {
+    match token::from_request(req.headers(), req.uri().query()) {
         None => Err(TokenError::Missing),
         Some(t) => gw.tokens.verify(t),
-    };
-    result.map_err(|e| message(StatusCode::UNAUTHORIZED, &e.to_string()))
+    }
 }
 
 pub fn message(status: StatusCode, msg: &str) -> Response<Body> {

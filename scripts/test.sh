@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against the real services (started or
+# installed first), then the linter. This is what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/services.sh
+cargo test --workspace --all-targets
+cargo clippy --workspace --all-targets -- -D warnings
