@@ -103,6 +103,16 @@ impl Ring {
         self.owners.get(usize::from(slot)).map(|&i| &self.members[usize::from(i)])
     }
 
+    /// The index (in [`Ring::members`]) of the owner of a slot.
+    pub fn owner_index(&self, slot: u16) -> Option<usize> {
+        self.owners.get(usize::from(slot)).map(|&i| usize::from(i))
+    }
+
+    /// The index of `node_id` in [`Ring::members`].
+    pub fn index_of(&self, node_id: &str) -> Option<usize> {
+        self.members.iter().position(|m| m.node_id == node_id)
+    }
+
     /// The slots owned by `node_id`, ascending.
     pub fn slots_of(&self, node_id: &str) -> Vec<u16> {
         match self.members.iter().position(|m| m.node_id == node_id) {

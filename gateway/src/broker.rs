@@ -1,27 +1,31 @@
-//! The RabbitMQ side of a node: declare the topology, bind the slots this
-//! node owns, consume, and hand each event to the sessions. Survives broker
-//! restarts and killed connections by starting over with backoff; the
-//! node's queue is durable and not exclusive, so what was published while
-//! the connection was down waits there.
+//! The RabbitMQ side of a node: declare the topology, bind exactly the
+//! slots this node owns, consume, and hand each event to the sessions.
+//! Ring changes are reconciled here, make before break: bind the new
+//! slots, switch the ring, close moved devices (4001), unbind the old.
+//! Survives broker restarts and killed connections by starting over with
+//! backoff; the node's queue is durable and not exclusive, so what was
+//! published while the connection was down waits there.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use contract::event::{self, HEADER_PUBLISHED_AT};
-use contract::slot::routing_key;
+use contract::event::{self, HEADER_HOPS, HEADER_PUBLISHED_AT};
+use contract::ring::Ring;
+use contract::slot::{SLOTS, parse_routing_key, routing_key, slot_of};
 use contract::topology::{self, EXCHANGE, header_u64, node_queue};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::frame;
-use crate::outbox::Queued;
+use crate::outbox::{Close, Queued};
 use crate::state::Gateway;
 
 /// First wait before reconnecting; doubles up to `MAX_BACKOFF`.
@@ -31,8 +35,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Acknowledge at most this many deliveries in one `multiple` ack.
 const ACK_BATCH: u64 = 64;
+/// Close code for a device whose user moved to another node.
+pub const CLOSE_MOVED: u16 = 4001;
 
-/// Runs until shutdown, reconnecting whenever the broker goes away.
+/// Runs until the node stops consuming, reconnecting whenever the broker
+/// goes away.
 pub async fn run(gw: Arc<Gateway>) {
     let mut backoff = MIN_BACKOFF;
     loop {
@@ -42,29 +49,45 @@ pub async fn run(gw: Arc<Gateway>) {
             Ok(()) => return,
             Err(e) => {
                 gw.metrics.broker_reconnects.increment(1);
-                tracing::warn!("broker connection lost: {e}; retrying in {backoff:?}");
+                tracing::warn!("broker connection lost: {e:#}; retrying in {backoff:?}");
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = gw.shutdown.cancelled() => return,
+            _ = gw.stop_consuming.cancelled() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// One connection's life: returns `Ok` only on shutdown.
+/// One connection's life: returns `Ok` only when told to stop consuming.
 async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()> {
     let node = gw.config.node_id();
+    let mut wanted = gw.wanted_ring.subscribe();
+    // Bind nothing before membership has been read once.
+    let ring = tokio::select! {
+        r = wanted.wait_for(|r| r.is_some()) => r?.clone().expect("some"),
+        _ = gw.stop_consuming.cancelled() => return Ok(()),
+    };
     let props = ConnectionProperties::default().with_connection_name(format!("gateway {node}").into());
     let conn = tokio::select! {
         c = Connection::connect(&gw.config.amqp_url, props) => c?,
-        _ = gw.shutdown.cancelled() => return Ok(()),
+        _ = gw.stop_consuming.cancelled() => return Ok(()),
     };
     let ch = conn.create_channel().await?;
+    // Re-publishing (stale ring views) uses its own channel, with confirms.
+    let pub_ch = conn.create_channel().await?;
+    pub_ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology::declare_exchanges(&ch).await?;
     topology::declare_node_queue(&ch, node).await?;
-    bind_owned_slots(gw, &ch).await?;
+    // After a reconnect the queue may carry bindings of an older ring:
+    // bind what is owned, unbind everything else.
+    let owned: BTreeSet<u16> = ring.slots_of(node).into_iter().collect();
+    let others: BTreeSet<u16> = (0..SLOTS).filter(|s| !owned.contains(s)).collect();
+    set_bindings(&ch, node, &owned, true).await?;
+    adopt_ring(gw, ring.clone());
+    set_bindings(&ch, node, &others, false).await?;
+    let mut bound = owned;
     ch.basic_qos(gw.config.prefetch, BasicQosOptions::default()).await?;
     let queue = node_queue(node);
     let mut consumer = ch
@@ -77,22 +100,28 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
         .await?;
     gw.broker_ready.store(true, Ordering::Relaxed);
     *backoff = MIN_BACKOFF;
-    tracing::info!(queue, "consuming");
+    tracing::info!(queue, slots = bound.len(), "consuming");
 
     let mut unacked: Option<(Delivery, u64)> = None;
     loop {
-        // Acknowledge when the stream has nothing ready, or every ACK_BATCH.
         // Polling `next` once and dropping it loses nothing: a stream hands
         // out an item only from the poll that returns it.
         let next = match consumer.next().now_or_never() {
             Some(item) => item,
             None => {
+                // Acknowledge when the stream has nothing ready.
                 if let Some((d, _)) = unacked.take() {
                     d.ack(BasicAckOptions { multiple: true }).await?;
                 }
                 tokio::select! {
                     item = consumer.next() => item,
-                    _ = gw.shutdown.cancelled() => {
+                    changed = wanted.changed() => {
+                        changed?;
+                        let Some(ring) = wanted.borrow_and_update().clone() else { continue };
+                        bound = reconcile(gw, &ch, bound, ring).await?;
+                        continue;
+                    }
+                    _ = gw.stop_consuming.cancelled() => {
                         leave(&ch, &queue).await;
                         let _ = conn.close(200, "gateway shutting down".into()).await;
                         return Ok(());
@@ -105,40 +134,96 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
             Some(Err(e)) => return Err(e.into()),
             None => anyhow::bail!("consumer stream ended"),
         };
-        if dispatch(gw, &delivery) {
-            let count = unacked.as_ref().map_or(0, |(_, n)| *n) + 1;
-            if count >= ACK_BATCH {
-                delivery.ack(BasicAckOptions { multiple: true }).await?;
-                unacked = None;
-            } else {
-                unacked = Some((delivery, count));
+        match dispatch(gw, &delivery) {
+            Some(republish) => {
+                if !republish.is_empty() {
+                    republish_once(gw, &pub_ch, &delivery, &republish).await?;
+                }
+                let count = unacked.as_ref().map_or(0, |(_, n)| *n) + 1;
+                if count >= ACK_BATCH {
+                    delivery.ack(BasicAckOptions { multiple: true }).await?;
+                    unacked = None;
+                } else {
+                    unacked = Some((delivery, count));
+                }
             }
-        } else {
-            // Unreadable: requeueing would loop forever. Counted and logged.
-            delivery.reject(BasicRejectOptions { requeue: false }).await?;
+            None => {
+                // Unreadable: requeueing would loop forever. Counted and logged.
+                delivery.reject(BasicRejectOptions { requeue: false }).await?;
+            }
         }
     }
 }
 
-/// Binds every slot this node owns. Binding is idempotent, so a rebind
-/// after a reconnect is harmless.
-async fn bind_owned_slots(gw: &Gateway, ch: &Channel) -> lapin::Result<()> {
+/// Moves this node to `ring`, make before break. Returns the slots bound.
+async fn reconcile(gw: &Gateway, ch: &Channel, bound: BTreeSet<u16>, ring: Arc<Ring>) -> anyhow::Result<BTreeSet<u16>> {
     let node = gw.config.node_id();
-    let queue = node_queue(node);
-    let slots = gw.ring().slots_of(node);
-    // Issue the binds back to back and wait for all: one round trip each
-    // would take a second for 1024 slots.
-    let binds = slots.iter().map(|&s| {
-        ch.queue_bind(
-            queue.as_str().into(),
-            EXCHANGE.into(),
-            routing_key(s).as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+    let old_ring = gw.ring();
+    let owned: BTreeSet<u16> = ring.slots_of(node).into_iter().collect();
+    let gained: BTreeSet<u16> = owned.difference(&bound).copied().collect();
+    let lost: BTreeSet<u16> = bound.difference(&owned).copied().collect();
+    set_bindings(ch, node, &gained, true).await?;
+    adopt_ring(gw, ring.clone());
+    let moved = close_moved(gw, &ring);
+    set_bindings(ch, node, &lost, false).await?;
+    // Queues of members that left are deleted by every survivor; deleting
+    // a missing queue is a no-op, so this is idempotent.
+    for gone in old_ring.members().iter().filter(|m| ring.index_of(&m.node_id).is_none()) {
+        if gone.node_id != node {
+            let q = node_queue(&gone.node_id);
+            if let Err(e) = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await {
+                tracing::warn!(queue = q, "could not delete a departed node's queue: {e}");
+                anyhow::bail!("queue delete failed: {e}");
+            }
+        }
+    }
+    gw.metrics.rebalances.increment(1);
+    tracing::info!(gained = gained.len(), lost = lost.len(), moved, members = ring.members().len(), "rebalanced");
+    Ok(owned)
+}
+
+/// Makes `ring` the one this node acts on.
+fn adopt_ring(gw: &Gateway, ring: Arc<Ring>) {
+    gw.metrics.ring_members.set(ring.members().len() as f64);
+    gw.metrics.owned_slots.set(ring.slots_of(gw.config.node_id()).len() as f64);
+    *gw.ring.write() = ring;
+}
+
+/// Closes, with 4001 and the new owner's URL, every device whose user this
+/// node no longer owns. Returns how many.
+pub fn close_moved(gw: &Gateway, ring: &Ring) -> usize {
+    let me = ring.index_of(gw.config.node_id());
+    let mut n = 0;
+    gw.sessions.for_each_device(|d| {
+        let slot = slot_of(&d.user);
+        if ring.owner_index(slot) != me
+            && let Some(owner) = ring.owner(slot)
+        {
+            d.outbox.close(Close::Frame { code: CLOSE_MOVED, reason: owner.url.clone() });
+            n += 1;
+        }
     });
-    futures_util::future::try_join_all(binds).await?;
-    gw.metrics.owned_slots.set(slots.len() as f64);
+    gw.metrics.moved_closes.increment(n as u64);
+    n
+}
+
+/// Binds (or unbinds) the node's queue to each slot. The calls are issued
+/// together and awaited together: one round trip each would take a second
+/// for 1024 slots. Both directions are idempotent.
+async fn set_bindings(ch: &Channel, node: &str, slots: &BTreeSet<u16>, bind: bool) -> lapin::Result<()> {
+    let queue = node_queue(node);
+    let keys: Vec<String> = slots.iter().map(|&s| routing_key(s)).collect();
+    if bind {
+        let calls = keys.iter().map(|k| {
+            ch.queue_bind(queue.as_str().into(), EXCHANGE.into(), k.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+        });
+        futures_util::future::try_join_all(calls).await?;
+    } else {
+        let calls = keys
+            .iter()
+            .map(|k| ch.queue_unbind(queue.as_str().into(), EXCHANGE.into(), k.as_str().into(), FieldTable::default()));
+        futures_util::future::try_join_all(calls).await?;
+    }
     Ok(())
 }
 
@@ -149,23 +234,39 @@ async fn leave(ch: &Channel, queue: &str) {
     }
 }
 
-/// Hands one message to the sessions. Returns false if it is unreadable.
-fn dispatch(gw: &Gateway, delivery: &Delivery) -> bool {
+/// Hands one message to the sessions. Returns the recipients to re-publish
+/// (the publisher's ring view was stale), or `None` if it is unreadable.
+fn dispatch(gw: &Gateway, delivery: &Delivery) -> Option<Vec<String>> {
     let msg = match event::decode(&delivery.data) {
         Ok(m) => m,
         Err(e) => {
             gw.metrics.broker_bad_messages.increment(1);
             tracing::warn!(routing_key = %delivery.routing_key, "unreadable broker message: {e}");
-            return false;
+            return None;
         }
     };
     gw.metrics.broker_messages.increment(1);
-    let published_at_us = header_u64(delivery.properties.headers().as_ref(), HEADER_PUBLISHED_AT)
-        .unwrap_or_else(event::now_micros);
+    let headers = delivery.properties.headers().as_ref();
+    let published_at_us = header_u64(headers, HEADER_PUBLISHED_AT).unwrap_or_else(event::now_micros);
+    let hops = header_u64(headers, HEADER_HOPS).unwrap_or(0);
+    let routing_slot = parse_routing_key(delivery.routing_key.as_str());
+    let ring = gw.ring();
+    let me = ring.index_of(gw.config.node_id());
     // Encoded once; every device gets the same bytes.
     let item = Queued { frame: frame::text(msg.event.get().as_bytes()), published_at_us };
     let (mut offline, mut dropped, mut slow) = (0u64, 0u64, 0u64);
+    let mut republish = Vec::new();
     for user in &msg.recipients {
+        let slot = slot_of(user);
+        if Some(slot) != routing_slot && ring.owner_index(slot) != me {
+            // Not ours and not what the publisher routed on: its ring view
+            // was stale. Re-publish once; never a second time (no loops).
+            if hops == 0 {
+                republish.push(user.to_string());
+                continue;
+            }
+            gw.metrics.misrouted.increment(1);
+        }
         let d = gw.sessions.deliver(user, &item);
         if d.queued == 0 && d.dropped == 0 {
             offline += 1;
@@ -176,5 +277,33 @@ fn dispatch(gw: &Gateway, delivery: &Delivery) -> bool {
     gw.metrics.recipients_offline.increment(offline);
     gw.metrics.dropped_slow.increment(dropped);
     gw.metrics.slow_closes.increment(slow);
-    true
+    Some(republish)
+}
+
+/// Re-publishes recipients grouped by this node's ring, with `x-hops: 1`,
+/// and waits for the broker's confirms before the original is acked.
+async fn republish_once(gw: &Gateway, ch: &Channel, delivery: &Delivery, users: &[String]) -> anyhow::Result<()> {
+    let msg = event::decode(&delivery.data)?;
+    let ring = gw.ring();
+    let mut groups: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    for u in users {
+        let owner = ring.owner_index(slot_of(u)).unwrap_or(0);
+        groups.entry(owner).or_default().push(u);
+    }
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(HEADER_HOPS.into(), AMQPValue::LongLongInt(1));
+    for recipients in groups.values() {
+        let body = event::encode(recipients, &msg.event);
+        ch.basic_publish(
+            EXCHANGE.into(),
+            routing_key(slot_of(recipients[0])).as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_headers(headers.clone()),
+        )
+        .await?
+        .await?;
+        gw.metrics.republished.increment(1);
+    }
+    Ok(())
 }

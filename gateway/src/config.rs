@@ -36,6 +36,16 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
 
+    /// The Redis hash listing live gateway nodes (several clusters can share
+    /// one Redis under different keys).
+    #[arg(long, env = "MEMBERSHIP_KEY", default_value = contract::membership::MEMBERS_KEY)]
+    pub membership_key: String,
+
+    /// A fixed ring instead of Redis membership: `id=ws://host:port,...`
+    /// (must include this node). Nodes then never join or leave at runtime.
+    #[arg(long, env = "GATEWAY_STATIC_MEMBERS", value_delimiter = ',', value_parser = parse_member)]
+    pub static_members: Vec<contract::ring::Member>,
+
     /// Devices one user may hold on this node; one more is closed with 4029.
     #[arg(long, env = "GATEWAY_MAX_DEVICES_PER_USER", default_value_t = 10)]
     pub max_devices_per_user: usize,
@@ -93,6 +103,11 @@ impl Config {
         if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
             return Err(format!("AMQP_URL (--amqp-url) {:?} must be an amqp:// URL", self.amqp_url));
         }
+        if !self.static_members.is_empty()
+            && !self.static_members.iter().any(|m| Some(&m.node_id) == self.node_id.as_ref())
+        {
+            return Err("GATEWAY_STATIC_MEMBERS (--static-members) must include this node's id".into());
+        }
         if self.max_devices_per_user == 0 {
             return Err("GATEWAY_MAX_DEVICES_PER_USER must be at least 1".into());
         }
@@ -120,6 +135,15 @@ impl Config {
     pub fn for_tests(jwt_secret: &str) -> Config {
         Config::parse_from(["gateway", "--jwt-secret", jwt_secret])
     }
+}
+
+/// Parses `node_id=ws://host:port`.
+pub fn parse_member(s: &str) -> Result<contract::ring::Member, String> {
+    let (id, url) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected node_id=ws://host:port"))?;
+    if !url.starts_with("ws://") && !url.starts_with("wss://") {
+        return Err(format!("{s:?}: the URL must start with ws://"));
+    }
+    Ok(contract::ring::Member { node_id: id.into(), url: url.trim_end_matches('/').into() })
 }
 
 /// Parses `500ms`, `20s`, `2m` or plain seconds.

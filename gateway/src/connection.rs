@@ -29,7 +29,7 @@ const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_IOVECS: usize = 64;
 
 /// Serves an upgraded WebSocket for an authenticated user until it closes.
-pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, user: String, token_expires_at: u64) {
+pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, user: String, token_expires_at: u64, proxied: bool) {
     let (stream, pre_read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => (parts.io.into_inner(), parts.read_buf),
         Err(_) => {
@@ -63,6 +63,14 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, user: String, token_exp
         }
     };
     gw.metrics.opened_ok.increment(1);
+    // The ring may have moved this user between the ownership check and
+    // the registration; a reconcile that ran before it did not see this
+    // device, so check again now that it is visible.
+    if let Some((false, owner)) = gw.owner_of(&user)
+        && !proxied
+    {
+        device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url });
+    }
     let mut writer = tokio::spawn(write_loop(gw.clone(), wr, device.clone()));
 
     let mut reader = FrameReader::new(gw.config.max_client_frame);

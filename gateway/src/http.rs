@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::connection;
+use crate::{connection, proxy};
 use crate::state::{Gateway, SocketGuard};
 
 pub type Body = Full<Bytes>;
@@ -26,7 +26,8 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     let resp = match (req.method(), path) {
-        (&Method::GET, p) if WS_PATHS.contains(&p) => websocket(gw, guard, req),
+        (&Method::GET, p) if WS_PATHS.contains(&p) => websocket(gw, guard, req).await,
+        (&Method::GET, "/v1/ring") => ring(&gw),
         (&Method::GET, "/v1/route") => route(&gw, &req),
         (&Method::GET, "/metrics") => {
             gw.metrics.refresh_memory();
@@ -41,6 +42,8 @@ pub async fn handle(
                 json(StatusCode::OK, r#"{"status":"ready"}"#.into())
             } else if gw.is_draining() {
                 message(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            } else if !gw.membership_ready.load(std::sync::atomic::Ordering::Relaxed) {
+                message(StatusCode::SERVICE_UNAVAILABLE, "ring membership not up")
             } else {
                 message(StatusCode::SERVICE_UNAVAILABLE, "broker consumer not up")
             }
@@ -50,7 +53,7 @@ pub async fn handle(
     Ok(resp)
 }
 
-fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incoming>) -> Response<Body> {
+async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incoming>) -> Response<Body> {
     if gw.is_draining() {
         gw.metrics.opened_draining.increment(1);
         return message(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down, reconnect");
@@ -66,6 +69,15 @@ fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incomin
         gw.metrics.opened_bad_request.increment(1);
         return message(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
     }
+    // Not the owner: proxy to it, unless this request is already a proxied
+    // one (then the rings disagree for a moment; serving here is safe, the
+    // next reconcile moves the device with 4001).
+    if req.headers().get(proxy::PROXIED_HEADER).is_none()
+        && let Some((false, owner)) = gw.owner_of(&claims.sub)
+    {
+        let token = token::from_request(req.headers(), req.uri().query()).unwrap_or_default().to_owned();
+        return proxy::proxy(gw, guard, req, token, owner).await;
+    }
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -73,13 +85,14 @@ fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incomin
             return message(StatusCode::BAD_REQUEST, &format!("bad WebSocket handshake: {e}"));
         }
     };
+    let proxied = req.headers().contains_key(proxy::PROXIED_HEADER);
     let task_gw = gw.clone();
     gw.tasks.spawn(async move {
         let _guard = guard;
         match upgrade.await {
             // fastwebsockets' own framing is set aside (see `frame`): take
             // the raw upgraded stream back.
-            Ok(ws) => connection::serve(task_gw, ws.into_inner().into_inner(), claims.sub, claims.exp).await,
+            Ok(ws) => connection::serve(task_gw, ws.into_inner().into_inner(), claims.sub, claims.exp, proxied).await,
             Err(e) => tracing::debug!("upgrade failed: {e}"),
         }
     });
@@ -104,6 +117,17 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         "node_id": owner.node_id,
         "url": owner.url,
     });
+    json(StatusCode::OK, body.to_string())
+}
+
+/// `GET /v1/ring`: this node's view of the ring, the owner of every slot.
+fn ring(gw: &Gateway) -> Response<Body> {
+    let ring = gw.ring();
+    let owners: Vec<&str> =
+        (0..contract::slot::SLOTS).filter_map(|s| ring.owner(s).map(|m| m.node_id.as_str())).collect();
+    let members: Vec<_> =
+        ring.members().iter().map(|m| serde_json::json!({"node_id": m.node_id, "url": m.url})).collect();
+    let body = serde_json::json!({ "node_id": gw.config.node_id(), "members": members, "owners": owners });
     json(StatusCode::OK, body.to_string())
 }
 

@@ -9,7 +9,10 @@
 //! - [`frame`]: lean server-side WebSocket framing.
 //! - [`outbox`]: a device's bounded send queue.
 //! - [`sessions`]: user id to live devices (DashMap), delivery.
-//! - [`broker`]: RabbitMQ consumer, slot bindings, reconnects.
+//! - [`broker`]: RabbitMQ consumer, slot bindings, reconcile on ring
+//!   changes (make before break), one-hop re-publish of stale routing.
+//! - [`membership`]: Redis heartbeats and the live member list.
+//! - [`proxy`]: a non-owner relays a device to its owner node.
 //! - [`keepalive`]: pings, silent-peer and token-expiry sweeps.
 //! - [`metrics`]: Prometheus names and handles.
 //! - [`state`]: what the parts share.
@@ -20,8 +23,10 @@ pub mod connection;
 pub mod frame;
 pub mod http;
 pub mod keepalive;
+pub mod membership;
 pub mod metrics;
 pub mod outbox;
+pub mod proxy;
 pub mod server;
 pub mod sessions;
 pub mod state;

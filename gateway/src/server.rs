@@ -14,10 +14,13 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::Config;
 use crate::outbox::Close;
 use crate::state::{Gateway, SocketGuard};
-use crate::{broker, http, keepalive};
+use crate::{broker, http, keepalive, membership};
 
 /// Close code sent to every device when the node shuts down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// After leaving the ring, how long the node keeps consuming so that the
+/// others (heartbeat every second) have bound its slots before its queue goes.
+const LEAVE_SETTLE: Duration = Duration::from_millis(2500);
 /// A client must finish its HTTP request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (EMFILE and friends) before trying again.
@@ -34,6 +37,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
 /// Like [`run`], for callers that keep a handle on the node (tests).
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     tracing::info!(node = gw.config.node_id(), addr = %listener.local_addr()?, "gateway listening");
+    let membership = tokio::spawn(membership::run(gw.clone()));
     let broker = tokio::spawn(broker::run(gw.clone()));
     let keepalive = tokio::spawn(keepalive::run(gw.clone()));
 
@@ -53,9 +57,16 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
 
     tracing::info!("shutting down: closing {} devices", gw.sessions.device_count());
     drop(listener);
-    gw.shutdown.cancel();
-    let _ = broker.await;
+    gw.shutdown.cancel(); // Leaves the ring; stops the keepalive.
+    let _ = membership.await;
     let _ = keepalive.await;
+    // Make before break on the way out too: keep consuming until the others
+    // have bound this node's slots, then delete the queue.
+    if gw.ring().members().len() > 1 {
+        tokio::time::sleep(LEAVE_SETTLE).await;
+    }
+    gw.stop_consuming.cancel();
+    let _ = broker.await;
     gw.sessions.for_each_device(|d| {
         d.outbox.close(Close::Frame { code: CLOSE_GOING_AWAY, reason: "node shutting down".into() })
     });

@@ -21,10 +21,19 @@ pub struct Gateway {
     pub sessions: Sessions,
     pub metrics: Metrics,
     pub prometheus: PrometheusHandle,
-    /// The current ring. Readers clone the `Arc` and let go of the lock at once.
+    /// The ring this node acts on: bindings match it. Only the broker task
+    /// replaces it, after binding the new slots (make before break).
+    /// Readers clone the `Arc` and let go of the lock at once.
     pub ring: RwLock<Arc<Ring>>,
+    /// The ring membership asks for; `None` until membership was read once.
+    pub wanted_ring: tokio::sync::watch::Sender<Option<Arc<Ring>>>,
     /// True while the broker consumer is up (for `/readyz`).
     pub broker_ready: AtomicBool,
+    /// True while membership heartbeats succeed (for `/readyz`).
+    pub membership_ready: AtomicBool,
+    /// Cancelled after the node has left the ring and others took over its
+    /// slots: the broker consumer stops and the queue is deleted.
+    pub stop_consuming: CancellationToken,
     /// Sockets open now (HTTP and WebSocket), against `max_connections`.
     pub open_sockets: AtomicUsize,
     /// Cancelled when the node starts shutting down.
@@ -48,7 +57,10 @@ impl Gateway {
             prometheus,
             metrics,
             ring: RwLock::new(Arc::new(ring)),
+            wanted_ring: tokio::sync::watch::channel(None).0,
             broker_ready: AtomicBool::new(false),
+            membership_ready: AtomicBool::new(false),
+            stop_consuming: CancellationToken::new(),
             open_sockets: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -65,7 +77,17 @@ impl Gateway {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.broker_ready.load(Ordering::Relaxed) && !self.is_draining()
+        self.broker_ready.load(Ordering::Relaxed)
+            && self.membership_ready.load(Ordering::Relaxed)
+            && !self.is_draining()
+    }
+
+    /// The owner of a user's slot under the current ring, and whether it is
+    /// this node. `None` when the ring is empty.
+    pub fn owner_of(&self, user: &str) -> Option<(bool, Member)> {
+        let ring = self.ring();
+        let owner = ring.owner(contract::slot::slot_of(user))?;
+        Some((owner.node_id == self.config.node_id(), owner.clone()))
     }
 }
 

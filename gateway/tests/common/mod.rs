@@ -65,6 +65,8 @@ impl Node {
         config.listen = addr;
         config.node_id = Some(unique("t"));
         config.advertise_url = Some(format!("ws://{addr}"));
+        // A ring of its own unless the test puts nodes in one cluster.
+        config.membership_key = unique("ring");
         tweak(&mut config);
         let config = config.validate().unwrap();
         let gw = Gateway::new(config);

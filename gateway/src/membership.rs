@@ -1,0 +1,119 @@
+//! Ring membership: heartbeats into the Redis hash, the live members read
+//! back, and the wanted ring handed to the broker task, which reconciles
+//! bindings and sessions (make before break).
+//!
+//! A member stays in this node's view until its last heartbeat is older
+//! than the timeout, even if Redis forgets it (a Redis restart keeps
+//! nothing). Nodes re-register within one interval, so a Redis blip does
+//! not reshuffle the ring.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use contract::membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Record, now_ms};
+use contract::ring::{Member, Ring};
+use redis::aio::MultiplexedConnection;
+
+use crate::state::Gateway;
+
+/// A Redis call slower than this counts as a failed heartbeat.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub async fn run(gw: Arc<Gateway>) {
+    if !gw.config.static_members.is_empty() {
+        let ring = Ring::new(gw.config.static_members.clone());
+        gw.wanted_ring.send_replace(Some(Arc::new(ring)));
+        gw.membership_ready.store(true, Ordering::Relaxed);
+        return;
+    }
+    let client = match redis::Client::open(gw.config.redis_url.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("REDIS_URL unusable: {e}");
+            return;
+        }
+    };
+    let me = gw.config.node_id().to_owned();
+    let record = |hb| serde_json::to_string(&Record { url: gw.config.advertise_url().to_owned(), heartbeat_ms: hb }).expect("record");
+    let key = gw.config.membership_key.clone();
+    let mut conn: Option<MultiplexedConnection> = None;
+    // node id -> (url, last heartbeat seen, unix ms)
+    let mut seen: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = gw.shutdown.cancelled() => break,
+        }
+        let now = now_ms();
+        let beat = async {
+            if conn.is_none() {
+                conn = Some(client.get_multiplexed_async_connection().await?);
+            }
+            let c = conn.as_mut().expect("connected");
+            let (fields,): (HashMap<String, String>,) = redis::pipe()
+                .cmd("HSET").arg(&key).arg(&me).arg(record(now)).ignore()
+                .cmd("HGETALL").arg(&key)
+                .query_async(c)
+                .await?;
+            Ok::<_, redis::RedisError>(fields)
+        };
+        let fields = match tokio::time::timeout(REDIS_TIMEOUT, beat).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                fail(&gw, &mut conn, &e.to_string());
+                continue;
+            }
+            Err(_) => {
+                fail(&gw, &mut conn, "timed out");
+                continue;
+            }
+        };
+        gw.membership_ready.store(true, Ordering::Relaxed);
+        for (id, v) in &fields {
+            if let Ok(r) = serde_json::from_str::<Record>(v) {
+                let e = seen.entry(id.clone()).or_insert((r.url.clone(), 0));
+                if r.heartbeat_ms >= e.1 {
+                    *e = (r.url, r.heartbeat_ms);
+                }
+            }
+        }
+        let timeout = HEARTBEAT_TIMEOUT.as_millis() as u64;
+        let stale: Vec<String> =
+            seen.iter().filter(|(_, (_, hb))| now.saturating_sub(*hb) >= timeout).map(|(id, _)| id.clone()).collect();
+        if !stale.is_empty() {
+            tracing::info!(?stale, "dropping members with stale heartbeats");
+            for id in &stale {
+                seen.remove(id);
+            }
+            // Any survivor may clean up; HDEL is idempotent. A field
+            // refreshed meanwhile by a live node is rewritten next beat.
+            if let Some(c) = conn.as_mut() {
+                let _: Result<(), _> = redis::cmd("HDEL").arg(&key).arg(&stale).query_async(c).await;
+            }
+        }
+        let members: Vec<Member> = seen.iter().map(|(id, (url, _))| Member { node_id: id.clone(), url: url.clone() }).collect();
+        let changed = gw.wanted_ring.borrow().as_ref().is_none_or(|r| r.members() != members.as_slice());
+        if changed {
+            tracing::info!(members = ?members.iter().map(|m| &m.node_id).collect::<Vec<_>>(), "ring membership changed");
+            gw.wanted_ring.send_replace(Some(Arc::new(Ring::new(members))));
+        }
+    }
+    // Leave at once: the others rebalance on their next beat.
+    if let Some(c) = conn.as_mut() {
+        let left: Result<(), _> = redis::cmd("HDEL").arg(&key).arg(&me).query_async(c).await;
+        if let Err(e) = left {
+            tracing::warn!("could not leave the ring: {e}");
+        }
+    }
+}
+
+fn fail(gw: &Gateway, conn: &mut Option<MultiplexedConnection>, why: &str) {
+    if gw.membership_ready.swap(false, Ordering::Relaxed) {
+        tracing::warn!("membership heartbeat failed: {why}");
+    }
+    *conn = None;
+}

@@ -1,0 +1,122 @@
+//! Proxying a device to its owner node, so one entry URL always works.
+//!
+//! The client's upgrade request is replayed to the owner (same key, token
+//! and query, marked with `x-feed-proxied` so the owner serves it itself
+//! whatever its ring says). When the owner answers 101, this node answers
+//! 101 too and copies bytes both ways. Either side closing closes both.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use contract::ring::Member;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::http::{Body, message};
+use crate::state::{Gateway, SocketGuard};
+
+/// Header marking a proxied upgrade; its value is the proxying node's id.
+pub const PROXIED_HEADER: &str = "x-feed-proxied";
+/// Connecting to the owner and reading its answer must take less than this.
+const OWNER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest upgrade answer head accepted from the owner.
+const MAX_HEAD: usize = 8 * 1024;
+
+pub async fn proxy(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incoming>, token: String, owner: Member) -> Response<Body> {
+    let Some(hostport) = owner.url.strip_prefix("ws://").map(str::to_owned) else {
+        return message(StatusCode::BAD_GATEWAY, "owner node URL is not ws://");
+    };
+    let Some(key) = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::to_owned) else {
+        return message(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/posts".into());
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nhost: {hostport}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\nauthorization: Bearer {token}\r\n\
+         {PROXIED_HEADER}: {}\r\n\r\n",
+        gw.config.node_id()
+    );
+    let dial = async {
+        let mut s = TcpStream::connect(&hostport).await?;
+        s.set_nodelay(true)?;
+        s.write_all(head.as_bytes()).await?;
+        let (status, answer, rest) = read_head(&mut s).await?;
+        Ok::<_, std::io::Error>((s, status, answer, rest))
+    };
+    let (mut upstream, status, answer, rest) = match tokio::time::timeout(OWNER_TIMEOUT, dial).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return message(StatusCode::BAD_GATEWAY, &format!("owner node {} unreachable: {e}", owner.node_id)),
+        Err(_) => return message(StatusCode::GATEWAY_TIMEOUT, &format!("owner node {} did not answer", owner.node_id)),
+    };
+    if status != 101 {
+        // Pass the owner's refusal on (401, 503, ...), body included.
+        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        resp.headers_mut().insert("content-type", "application/json".parse().expect("static"));
+        return resp;
+    }
+    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => return message(StatusCode::BAD_REQUEST, &format!("bad WebSocket handshake: {e}")),
+    };
+    let task_gw = gw.clone();
+    gw.tasks.spawn(async move {
+        let _guard = guard;
+        let Ok(ws) = upgrade.await else { return };
+        let mut client: TokioIo<hyper::upgrade::Upgraded> = ws.into_inner();
+        task_gw.metrics.proxied.increment(1.0);
+        task_gw.metrics.proxied_total.increment(1);
+        if client.write_all(&rest).await.is_ok() {
+            // Ends when either side closes or fails; dropping both closes both.
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+        task_gw.metrics.proxied.decrement(1.0);
+    });
+    resp.map(|_| Full::new(Bytes::new()))
+}
+
+/// Reads an HTTP answer head: (status, head text, bytes read past it).
+async fn read_head(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let mut rest = buf.split_off(end + 4);
+            if status != 101 {
+                // Read the (small, JSON) body that follows a refusal.
+                let len = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0)
+                    .min(MAX_HEAD);
+                while rest.len() < len {
+                    let n = s.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    rest.extend_from_slice(&chunk[..n]);
+                }
+                let body = String::from_utf8_lossy(&rest).into_owned();
+                return Ok((status, format!("{head}{body}"), Vec::new()));
+            }
+            return Ok((status, head, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "owner answer head too long"));
+        }
+    }
+}
