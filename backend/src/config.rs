@@ -1,0 +1,179 @@
+//! Settings: every one a CLI flag with an environment variable, validated
+//! before any port is bound or any service is dialled.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// The social network backend.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "backend", version, about)]
+pub struct Config {
+    /// What to run: the HTTP API with its fan-out workers (default), or
+    /// only the workers.
+    #[command(subcommand)]
+    pub mode: Option<Mode>,
+
+    /// Address of the HTTP API.
+    #[arg(long, env = "BACKEND_LISTEN", default_value = "0.0.0.0:8080", global = true)]
+    pub listen: SocketAddr,
+
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
+    pub amqp_url: String,
+
+    /// Redis: the feed cache and the gateway membership.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", global = true)]
+    pub redis_url: String,
+
+    /// PostgreSQL, the system of record. The database is created if missing.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/feed", global = true)]
+    pub database_url: String,
+
+    /// HS256 secret shared with the gateways. Required: a default secret
+    /// would be a forgeable one.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+
+    /// How long an issued token is valid.
+    #[arg(long, env = "TOKEN_TTL", default_value = "24h", value_parser = parse_duration, global = true)]
+    pub token_ttl: Duration,
+
+    /// The Redis hash of live gateway nodes (the ring).
+    #[arg(long, env = "MEMBERSHIP_KEY", default_value = contract::membership::MEMBERS_KEY, global = true)]
+    pub membership_key: String,
+
+    /// The durable RabbitMQ queue of fan-out jobs.
+    #[arg(long, env = "FANOUT_QUEUE", default_value = "backend.fanout", global = true)]
+    pub fanout_queue: String,
+
+    /// Fan-out workers in this process (0: the API only enqueues, and
+    /// `backend worker` processes do the work).
+    #[arg(long, env = "BACKEND_WORKERS", default_value_t = 2, global = true)]
+    pub workers: usize,
+
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16, global = true)]
+    pub db_pool_size: usize,
+
+    /// Argon2id memory cost in KiB. The default is OWASP's minimum
+    /// recommendation; tests lower it to stay fast in debug builds.
+    #[arg(long, env = "ARGON2_MEMORY_KIB", default_value_t = 19_456, global = true)]
+    pub argon2_memory_kib: u32,
+
+    /// Argon2id iterations (OWASP: 2 with 19 MiB).
+    #[arg(long, env = "ARGON2_ITERATIONS", default_value_t = 2, global = true)]
+    pub argon2_iterations: u32,
+
+    /// How long shutdown waits for requests in flight.
+    #[arg(long, env = "BACKEND_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Mode {
+    /// The HTTP API, plus `--workers` fan-out workers (the default).
+    Serve,
+    /// Only fan-out workers, no HTTP.
+    Worker,
+}
+
+impl Config {
+    /// Checks what clap cannot. The error names the setting.
+    pub fn validate(self) -> Result<Config, String> {
+        match self.jwt_secret.as_deref() {
+            None => return Err("JWT_SECRET (--jwt-secret) is required".into()),
+            Some(s) if s.len() < 16 => return Err("JWT_SECRET (--jwt-secret) must be at least 16 bytes".into()),
+            Some(_) => {}
+        }
+        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
+            return Err(format!("AMQP_URL (--amqp-url) {:?} must be an amqp:// URL", self.amqp_url));
+        }
+        if redis::Client::open(self.redis_url.as_str()).is_err() {
+            return Err(format!("REDIS_URL (--redis-url) {:?} is not a Redis URL", self.redis_url));
+        }
+        if self.database_url.parse::<tokio_postgres::Config>().is_err() {
+            return Err(format!("DATABASE_URL (--database-url) {:?} is not a PostgreSQL URL", self.database_url));
+        }
+        if self.membership_key.is_empty() {
+            return Err("MEMBERSHIP_KEY (--membership-key) must not be empty".into());
+        }
+        if self.fanout_queue.is_empty() {
+            return Err("FANOUT_QUEUE (--fanout-queue) must not be empty".into());
+        }
+        if self.db_pool_size == 0 {
+            return Err("DATABASE_POOL_SIZE (--db-pool-size) must be at least 1".into());
+        }
+        if self.mode == Some(Mode::Worker) && self.workers == 0 {
+            return Err("BACKEND_WORKERS (--workers) must be at least 1 for `backend worker`".into());
+        }
+        if argon2::Params::new(self.argon2_memory_kib, self.argon2_iterations, 1, None).is_err() {
+            return Err("ARGON2_MEMORY_KIB / ARGON2_ITERATIONS are out of argon2's range".into());
+        }
+        if self.token_ttl.is_zero() {
+            return Err("TOKEN_TTL (--token-ttl) must be positive".into());
+        }
+        Ok(self)
+    }
+
+    pub fn jwt_secret(&self) -> &str {
+        self.jwt_secret.as_deref().expect("validated")
+    }
+
+    /// A config for tests and embedding: defaults, with the given secret.
+    pub fn for_tests(jwt_secret: &str) -> Config {
+        Config::parse_from(["backend", "--jwt-secret", jwt_secret])
+    }
+}
+
+/// Parses `500ms`, `20s`, `2m`, `24h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_or_short_secret_is_named() {
+        let err = Config::parse_from(["backend"]).validate().unwrap_err();
+        assert!(err.contains("JWT_SECRET"), "{err}");
+        let err = Config::parse_from(["backend", "--jwt-secret", "short"]).validate().unwrap_err();
+        assert!(err.contains("JWT_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn bad_urls_are_named() {
+        let base = ["backend", "--jwt-secret", "0123456789abcdef"];
+        let with = |flag: &str, v: &str| {
+            let mut args: Vec<&str> = base.to_vec();
+            args.extend([flag, v]);
+            Config::parse_from(args).validate()
+        };
+        assert!(with("--amqp-url", "http://x").unwrap_err().contains("AMQP_URL"));
+        assert!(with("--redis-url", "nope://").unwrap_err().contains("REDIS_URL"));
+        assert!(with("--database-url", "postgres://host:notaport/db").unwrap_err().contains("DATABASE_URL"));
+        assert!(with("--listen", "0.0.0.0:8080").is_ok());
+    }
+
+    #[test]
+    fn worker_subcommand_parses() {
+        let c = Config::parse_from(["backend", "worker", "--jwt-secret", "0123456789abcdef", "--workers", "4"]);
+        assert_eq!(c.mode, Some(Mode::Worker));
+        assert_eq!(c.workers, 4);
+    }
+}

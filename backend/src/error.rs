@@ -1,0 +1,106 @@
+//! The API's errors. A handler returns [`ApiError`]; its response carries
+//! an [`ErrorInfo`] extension, and the request middleware (see
+//! [`crate::http`]) writes the body `{"message", "request_id", "code"}`
+//! with the request's id. Causes of 500s are logged, never shown.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// Seconds a client should wait before retrying a 503.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Bad input; the message says what is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A service we depend on is down or overloaded; retry later.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// What the middleware needs to write an error body.
+#[derive(Debug, Clone)]
+pub struct ErrorInfo {
+    pub message: String,
+    pub code: &'static str,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn bad(msg: impl Into<String>) -> ApiError {
+        ApiError::BadRequest(msg.into())
+    }
+
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::NotFound(format!("{what} not found"))
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            ApiError::Internal(e) => {
+                tracing::error!("internal error: {e:#}");
+                "internal error".to_owned()
+            }
+            ApiError::Unavailable(what) => {
+                tracing::warn!("unavailable: {what}");
+                "service temporarily unavailable, retry later".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut resp = status.into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert("retry-after", RETRY_AFTER_SECS.into());
+        }
+        resp.extensions_mut().insert(ErrorInfo { message, code });
+        resp
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> ApiError {
+        ApiError::Unavailable(format!("database pool: {e}"))
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> ApiError {
+        if crate::db::is_unavailable(&e) {
+            ApiError::Unavailable(format!("database: {e}"))
+        } else {
+            ApiError::Internal(anyhow::Error::new(e).context("database"))
+        }
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(e: redis::RedisError) -> ApiError {
+        ApiError::Unavailable(format!("redis: {e}"))
+    }
+}
+
+impl From<lapin::Error> for ApiError {
+    fn from(e: lapin::Error) -> ApiError {
+        ApiError::Unavailable(format!("broker: {e}"))
+    }
+}

@@ -1,0 +1,170 @@
+//! The HTTP surface: the router, the middleware that gives every request
+//! an id, writes error bodies and records metrics, the extractors that
+//! turn bad input into 400s, and the operational routes (`/metrics`,
+//! `/healthz`, `/readyz`, `/openapi.json`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use contract::token::{self, TokenError};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, ErrorInfo};
+use crate::state::Backend;
+use crate::{dialogs, friends, posts, users};
+
+/// The OpenAPI description, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+/// Largest request body accepted: a post of `MAX_POST_CHARS` 4-byte
+/// characters plus JSON overhead fits.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub type AppState = Arc<Backend>;
+
+/// The whole API.
+pub fn router(backend: AppState) -> Router {
+    Router::new()
+        .route("/user/register", post(users::register))
+        .route("/login", post(users::login))
+        .route("/user/get/{id}", get(users::get))
+        .route("/user/search", get(users::search))
+        .route("/friend/set/{user_id}", put(friends::set))
+        .route("/friend/delete/{user_id}", put(friends::delete))
+        .route("/post/create", post(posts::create))
+        .route("/post/update", put(posts::update))
+        .route("/post/delete/{id}", put(posts::delete))
+        .route("/post/get/{id}", get(posts::get))
+        .route("/post/feed", get(posts::feed))
+        .route("/dialog/{user_id}/send", post(dialogs::send))
+        .route("/dialog/{user_id}/list", get(dialogs::list))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(backend.clone(), observe))
+        .with_state(backend)
+}
+
+/// Gives the request an id (the caller's `x-request-id` if sane), turns an
+/// [`ErrorInfo`] into the JSON error body, and records metrics.
+async fn observe(State(backend): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let mut resp = next.run(req).await;
+    if let Some(info) = resp.extensions_mut().remove::<ErrorInfo>() {
+        let body = serde_json::json!({"message": info.message, "request_id": request_id, "code": info.code});
+        let (mut parts, _) = resp.into_parts();
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        parts.headers.remove(header::CONTENT_LENGTH);
+        resp = Response::from_parts(parts, axum::body::Body::from(body.to_string()));
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    backend.metrics.http_request(&method, &route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+async fn metrics(State(backend): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], backend.metrics.render())
+}
+
+/// Ready when PostgreSQL, Redis and the broker all answer.
+async fn readyz(State(backend): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    backend.db.get().await?.query_one("SELECT 1", &[]).await?;
+    let mut redis = backend.feed.redis.clone();
+    redis::cmd("PING").query_async::<()>(&mut redis).await?;
+    if !backend.jobs.is_up().await {
+        return Err(ApiError::Unavailable("broker unreachable".into()));
+    }
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+/// The authenticated caller's user id.
+pub struct Caller(pub String);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, backend: &AppState) -> Result<Caller, ApiError> {
+        let result = match token::from_request(&parts.headers, parts.uri.query()) {
+            None => Err(TokenError::Missing),
+            Some(t) => backend.tokens.verify(t),
+        };
+        result.map(|c| Caller(c.sub)).map_err(|e| ApiError::Unauthorized(e.to_string()))
+    }
+}
+
+/// `axum::Json`, with rejections as 400s that say what is wrong.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Json<T>, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                Err(ApiError::bad("expected a JSON body with content-type: application/json"))
+            }
+            Err(e) => Err(ApiError::bad(e.body_text())),
+        }
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Query`, with rejections as 400s.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Query<T>, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Query(q.0))
+            .map_err(|e: QueryRejection| ApiError::bad(e.body_text()))
+    }
+}
+
+/// `axum::extract::Path`, with rejections as 400s.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Path<T>, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Path(p.0))
+            .map_err(|e: PathRejection| ApiError::bad(e.body_text()))
+    }
+}
+
+/// An empty 200.
+pub fn ok() -> Response {
+    StatusCode::OK.into_response()
+}

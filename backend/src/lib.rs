@@ -1,0 +1,38 @@
+//! The social network backend: the OTUS Highload Architect HTTP API over
+//! PostgreSQL, a Redis feed cache, and the fan-out of new posts to
+//! followers' feeds and, through RabbitMQ, to the gateways' devices.
+//!
+//! - [`config`]: settings (flags and environment), validated at start.
+//! - [`server`]: the process's life: API, workers, graceful shutdown.
+//! - [`http`]: router, request ids, error bodies, metrics, extractors.
+//! - [`users`], [`friends`], [`posts`], [`dialogs`]: the API handlers.
+//! - [`feed`]: the Redis feed cache (ids per user, bodies per post).
+//! - [`jobs`]: the durable queue of fan-out jobs.
+//! - [`fanout`]: workers: followers in pages, feeds, ring-grouped events.
+//! - [`db`]: PostgreSQL pool, database creation, migrations.
+//! - [`password`]: argon2id hashes.
+//! - [`validate`]: input checks and their limits.
+//! - [`error`]: the API's errors and their HTTP answers.
+//! - [`metrics`]: Prometheus names and handles.
+//! - [`state`]: what the parts share.
+
+pub mod config;
+pub mod db;
+pub mod dialogs;
+pub mod error;
+pub mod fanout;
+pub mod feed;
+pub mod friends;
+pub mod http;
+pub mod jobs;
+pub mod metrics;
+pub mod password;
+pub mod posts;
+pub mod server;
+pub mod state;
+pub mod users;
+pub mod validate;
+
+pub use config::Config;
+pub use server::{run, run_workers, serve};
+pub use state::Backend;

@@ -1,0 +1,49 @@
+//! What the handlers and the workers share.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use contract::token::Tokens;
+use deadpool_postgres::Pool;
+
+use crate::config::Config;
+use crate::db;
+use crate::feed::FeedCache;
+use crate::jobs::JobQueue;
+use crate::metrics::Metrics;
+use crate::password::Passwords;
+
+pub struct Backend {
+    pub config: Config,
+    pub tokens: Tokens,
+    /// PostgreSQL, the system of record.
+    pub db: Pool,
+    /// Redis: feeds, post bodies, and the gateway membership.
+    pub feed: FeedCache,
+    /// Where `POST /post/create` and delete enqueue fan-out jobs.
+    pub jobs: JobQueue,
+    pub metrics: Metrics,
+    pub passwords: Passwords,
+}
+
+impl Backend {
+    /// Connects PostgreSQL (creating and migrating the database) and Redis.
+    /// The broker is dialled on first use, so a broker outage costs 503s
+    /// on post writes, not the whole API.
+    pub async fn connect(config: Config) -> anyhow::Result<Arc<Backend>> {
+        let db = db::connect(&config.database_url, config.db_pool_size).await?;
+        let client = redis::Client::open(config.redis_url.as_str()).context("REDIS_URL")?;
+        let redis = redis::aio::ConnectionManager::new(client).await.context("connecting to Redis")?;
+        let argon2_params = argon2::Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
+            .map_err(|e| anyhow::anyhow!("argon2 params: {e}"))?;
+        Ok(Arc::new(Backend {
+            tokens: Tokens::new(config.jwt_secret().as_bytes()),
+            jobs: JobQueue::new(&config.amqp_url, &config.fanout_queue),
+            feed: FeedCache { redis },
+            metrics: Metrics::new(),
+            passwords: Passwords::new(argon2_params),
+            db,
+            config,
+        }))
+    }
+}

@@ -1,0 +1,298 @@
+//! Test harness: the real backend and real gateway nodes in-process on
+//! 127.0.0.1:0, against the real PostgreSQL, Redis and RabbitMQ, driven by
+//! real HTTP (hyper) and WebSocket (tokio-tungstenite) clients.
+//!
+//! Isolation: tests share the services with each other and with other
+//! crates' tests, so every id is fresh (UUIDv7), every backend has its own
+//! fan-out queue and membership key, and nothing shared is ever flushed.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backend::{Backend, Config};
+use bytes::Bytes;
+use contract::event::PostEvent;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use lapin::options::QueueDeleteOptions;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/feed";
+/// Generous: CI machines are noisy; waits end as soon as the thing happens.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7())
+}
+
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub backend: Arc<Backend>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestBackend {
+    /// Starts a backend with test settings (own fan-out queue, own
+    /// membership key, cheap argon2), changed by `tweak`.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = Config::for_tests(SECRET);
+        config.listen = addr;
+        config.amqp_url = AMQP_URL.into();
+        config.redis_url = REDIS_URL.into();
+        config.database_url = DATABASE_URL.into();
+        config.membership_key = unique("test:members");
+        config.fanout_queue = unique("test.fanout");
+        config.workers = 2;
+        config.db_pool_size = 4;
+        config.argon2_memory_kib = 64;
+        config.argon2_iterations = 1;
+        tweak(&mut config);
+        let config = config.validate().unwrap();
+        let backend = Backend::connect(config).await.expect("backend connects");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let join = tokio::spawn(backend::serve(backend.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        let tb = TestBackend { addr, backend, stop: Some(tx), join: Some(join) };
+        wait_for("backend ready", || async { tb.client().call("GET", "/readyz", None, None).await.status == 200 }).await;
+        tb
+    }
+
+    pub fn client(&self) -> Client {
+        Client { addr: self.addr }
+    }
+
+    /// Stops the backend and deletes its fan-out queue.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(j) = self.join.take() {
+            tokio::time::timeout(Duration::from_secs(30), j).await.expect("backend stops").unwrap().unwrap();
+        }
+        let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_delete(self.backend.config.fanout_queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+        let mut redis = self.redis().await;
+        let _: () = redis::cmd("DEL").arg(&self.backend.config.membership_key).query_async(&mut redis).await.unwrap();
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis_conn().await
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+pub async fn pg() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(DATABASE_URL, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Polls `cond` until it holds, failing the test after `WAIT`.
+pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// A real HTTP/1.1 client (hyper), one connection per request.
+#[derive(Clone, Copy)]
+pub struct Client {
+    pub addr: SocketAddr,
+}
+
+impl Client {
+    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Resp {
+        self.call_with(method, path, body, |b| match token {
+            Some(t) => b.header("authorization", format!("Bearer {t}")),
+            None => b,
+        })
+        .await
+    }
+
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        build: impl FnOnce(hyper::http::request::Builder) -> hyper::http::request::Builder,
+    ) -> Resp {
+        let stream = TcpStream::connect(self.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let mut b = hyper::Request::builder().method(method).uri(path).header("host", "backend");
+        if body.is_some() {
+            b = b.header("content-type", "application/json");
+        }
+        let req = build(b).body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    }
+
+    /// Registers a user and logs in: (user id, token).
+    pub async fn user(&self, first_name: &str) -> (String, String) {
+        let body = serde_json::json!({
+            "first_name": first_name, "second_name": "Tester", "birthdate": "1990-05-17",
+            "biography": "tests things", "city": "Testville", "password": "pa55word",
+        });
+        let r = self.call("POST", "/user/register", None, Some(&body.to_string())).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let id = r.json()["user_id"].as_str().unwrap().to_owned();
+        let login = serde_json::json!({"id": id, "password": "pa55word"});
+        let r = self.call("POST", "/login", None, Some(&login.to_string())).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        (id, r.json()["token"].as_str().unwrap().to_owned())
+    }
+
+    pub async fn follow(&self, token: &str, user_id: &str) {
+        let r = self.call("PUT", &format!("/friend/set/{user_id}"), Some(token), None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    pub async fn unfollow(&self, token: &str, user_id: &str) {
+        let r = self.call("PUT", &format!("/friend/delete/{user_id}"), Some(token), None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    pub async fn post(&self, token: &str, text: &str) -> String {
+        let body = serde_json::json!({ "text": text });
+        let r = self.call("POST", "/post/create", Some(token), Some(&body.to_string())).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json().as_str().expect("post id is a JSON string").to_owned()
+    }
+
+    /// A feed page: the post ids, newest first.
+    pub async fn feed(&self, token: &str, offset: usize, limit: usize) -> Vec<Value> {
+        let r = self.call("GET", &format!("/post/feed?offset={offset}&limit={limit}"), Some(token), None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json().as_array().unwrap().clone()
+    }
+
+    pub async fn feed_ids(&self, token: &str, offset: usize, limit: usize) -> Vec<String> {
+        self.feed(token, offset, limit).await.iter().map(|p| p["id"].as_str().unwrap().to_owned()).collect()
+    }
+}
+
+/// A real gateway node, from the `gateway` crate.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestGateway {
+    /// Starts a node that joins the ring under `membership_key` (give it
+    /// the backend's, so the backend sees this node as the owner).
+    pub async fn start(membership_key: &str) -> TestGateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = gateway::Config::for_tests(SECRET);
+        config.amqp_url = AMQP_URL.into();
+        config.redis_url = REDIS_URL.into();
+        config.listen = addr;
+        config.node_id = Some(unique("bt"));
+        config.advertise_url = Some(format!("ws://{addr}"));
+        config.membership_key = membership_key.into();
+        let config = config.validate().unwrap();
+        let gw = gateway::Gateway::new(config);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let join = tokio::spawn(gateway::serve(gw, listener, async {
+            let _ = rx.await;
+        }));
+        let node = TestGateway { addr, stop: Some(tx), join: Some(join) };
+        let client = Client { addr };
+        wait_for("gateway ready", || async { client.call("GET", "/readyz", None, None).await.status == 200 }).await;
+        node
+    }
+
+    /// Connects a device with the token in `Authorization: Bearer`.
+    pub async fn connect(&self, token: &str) -> Ws {
+        let mut req = format!("ws://{}/post/feed/posted", self.addr).into_client_request().unwrap();
+        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("websocket connects");
+        assert_eq!(resp.status(), 101);
+        ws
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(j) = self.join.take() {
+            tokio::time::timeout(Duration::from_secs(30), j).await.expect("gateway stops").unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The next event a device receives, skipping control frames.
+pub async fn next_event(ws: &mut Ws) -> PostEvent {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("an event arrives");
+        match msg {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).expect("event is JSON"),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
