@@ -1,0 +1,191 @@
+//! Fan-out at scale: a post by an author with 10,000 followers is one
+//! broker message per gateway node that owns some of them (one per slot
+//! at most without membership), and lands in every follower's feed.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use contract::event;
+use contract::membership::{Record, now_ms};
+use contract::ring::{Member, Ring};
+use contract::slot::{SLOTS, parse_routing_key, routing_key, slot_of};
+use contract::topology::{self, EXCHANGE};
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+
+const FOLLOWERS: usize = 10_000;
+
+/// A queue bound to `feed.events` for every slot: sees every event message.
+struct Tap {
+    _conn: lapin::Connection,
+    consumer: lapin::Consumer,
+}
+
+impl Tap {
+    async fn new() -> Tap {
+        let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        topology::declare_exchanges(&ch).await.unwrap();
+        let name = unique("test.tap");
+        // Exclusive and auto-delete: it goes away with this connection.
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        ch.queue_declare(name.as_str().into(), opts, FieldTable::default()).await.unwrap();
+        let binds = (0..SLOTS).map(|s| {
+            let key = routing_key(s);
+            let ch = ch.clone();
+            let name = name.clone();
+            async move {
+                ch.queue_bind(name.as_str().into(), EXCHANGE.into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+                    .await
+            }
+        });
+        futures_util::future::try_join_all(binds).await.unwrap();
+        let consumer = ch
+            .basic_consume(name.as_str().into(), "tap".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        Tap { _conn: conn, consumer }
+    }
+
+    /// Collects the messages of `post_id` until they name `expected`
+    /// distinct recipients, then for a further `settle` to catch extras.
+    /// Returns (routing slot, recipients) per message.
+    async fn collect(&mut self, post_id: &str, expected: usize, settle: Duration) -> Vec<(u16, Vec<String>)> {
+        let mut messages = Vec::new();
+        let mut seen = HashSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut settle_until: Option<tokio::time::Instant> = None;
+        loop {
+            let until = settle_until.unwrap_or(deadline);
+            let next = match tokio::time::timeout_at(until, self.consumer.next()).await {
+                Ok(n) => n,
+                Err(_) if settle_until.is_some() => return messages,
+                Err(_) => panic!("timed out: {} of {expected} recipients in {} messages", seen.len(), messages.len()),
+            };
+            let d = next.unwrap().unwrap();
+            d.ack(BasicAckOptions::default()).await.unwrap();
+            let msg = event::decode(&d.data).unwrap();
+            let ev: event::PostEvent = serde_json::from_str(msg.event.get()).unwrap();
+            if ev.id != post_id {
+                continue; // another test's event
+            }
+            let recipients: Vec<String> = msg.recipients.iter().map(|r| r.to_string()).collect();
+            seen.extend(recipients.iter().cloned());
+            messages.push((parse_routing_key(d.routing_key.as_str()).unwrap(), recipients));
+            if seen.len() >= expected && settle_until.is_none() {
+                settle_until = Some(tokio::time::Instant::now() + settle);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_followers_are_three_messages_for_three_nodes() {
+    let backend = TestBackend::start(|_| {}).await;
+    let api = backend.client();
+    let (author, author_token) = api.user("Famous").await;
+
+    // The followers, in bulk, straight into PostgreSQL.
+    let prefix = unique("fan");
+    let db = pg().await;
+    db.execute(
+        "INSERT INTO users (id, first_name, second_name, birthdate, biography, city, password_hash) \
+         SELECT $1 || '-' || g, 'Fan', 'Of', '2000-01-01', '', '', 'x' FROM generate_series(1, $2::int) g",
+        &[&prefix, &(FOLLOWERS as i32)],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO follows (follower_id, followee_id) SELECT $1 || '-' || g, $3 FROM generate_series(1, $2::int) g",
+        &[&prefix, &(FOLLOWERS as i32), &author],
+    )
+    .await
+    .unwrap();
+    let followers: Vec<String> = (1..=FOLLOWERS).map(|i| format!("{prefix}-{i}")).collect();
+
+    // Three fake gateway nodes in this backend's membership key, kept fresh.
+    let key = backend.backend.config.membership_key.clone();
+    let members: Vec<Member> =
+        ["n1", "n2", "n3"].iter().map(|n| Member { node_id: n.to_string(), url: format!("ws://{n}:1") }).collect();
+    let heartbeat = {
+        let (key, members) = (key.clone(), members.clone());
+        tokio::spawn(async move {
+            let mut redis = redis_conn().await;
+            loop {
+                for m in &members {
+                    let rec = serde_json::to_string(&Record { url: m.url.clone(), heartbeat_ms: now_ms() }).unwrap();
+                    let _: () = redis::cmd("HSET").arg(&key).arg(&m.node_id).arg(rec).query_async(&mut redis).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ring = Ring::new(members.clone());
+
+    let mut tap = Tap::new().await;
+    let started = Instant::now();
+    let post_id = api.post(&author_token, "to all my fans").await;
+    let messages = tap.collect(&post_id, FOLLOWERS, Duration::from_millis(500)).await;
+    let elapsed = started.elapsed();
+    eprintln!("fan-out of {FOLLOWERS} recipients in {} messages: {elapsed:?}", messages.len());
+
+    assert_eq!(messages.len(), 3, "one message per owner node");
+    let mut all: HashSet<String> = HashSet::new();
+    let mut owners = HashSet::new();
+    for (slot, recipients) in &messages {
+        assert_eq!(*slot, slot_of(&recipients[0]), "routed by the first recipient's slot");
+        let owner = ring.owner(*slot).unwrap();
+        assert!(recipients.iter().all(|r| ring.owner(slot_of(r)).unwrap() == owner), "a group spans owners");
+        owners.insert(owner.node_id.clone());
+        all.extend(recipients.iter().cloned());
+    }
+    assert_eq!(owners.len(), 3);
+    assert_eq!(all, followers.iter().cloned().collect::<HashSet<_>>());
+
+    // Every follower's cached feed holds the post (written before publishing).
+    let mut redis = backend.redis().await;
+    let mut pipe = redis::pipe();
+    for f in &followers {
+        pipe.zscore(format!("feed:{f}"), &post_id);
+    }
+    let scores: Vec<Option<f64>> = pipe.query_async(&mut redis).await.unwrap();
+    assert_eq!(scores.iter().filter(|s| s.is_some()).count(), FOLLOWERS);
+
+    // Without live members: one message per slot at most, same recipients.
+    heartbeat.abort();
+    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut redis).await.unwrap();
+    let second = api.post(&author_token, "anyone there?").await;
+    let messages = tap.collect(&second, FOLLOWERS, Duration::from_millis(500)).await;
+    assert!(messages.len() <= usize::from(SLOTS), "{} messages", messages.len());
+    assert!(messages.len() > 3);
+    let mut per_slot: HashMap<u16, usize> = HashMap::new();
+    let mut all = HashSet::new();
+    for (slot, recipients) in &messages {
+        assert!(recipients.iter().all(|r| slot_of(r) == *slot), "a per-slot message spans slots");
+        *per_slot.entry(*slot).or_default() += 1;
+        all.extend(recipients.iter().cloned());
+    }
+    assert!(per_slot.values().all(|&n| n == 1), "one message per slot");
+    assert_eq!(all.len(), FOLLOWERS);
+
+    let published = api.call("GET", "/metrics", None, None).await.body;
+    let counter = |name: &str| -> f64 {
+        published.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    assert!(counter("backend_fanout_recipients_total") >= (2 * FOLLOWERS) as f64);
+    assert!(counter("backend_events_published_total") >= (3 + messages.len()) as f64);
+
+    // Tidy the shared Redis: these followers' feeds and the posts' bodies.
+    let mut pipe = redis::pipe();
+    for f in &followers {
+        pipe.del(format!("feed:{f}")).ignore();
+    }
+    pipe.del(format!("post:{post_id}")).ignore().del(format!("post:{second}")).ignore();
+    let _: () = pipe.query_async(&mut redis).await.unwrap();
+    backend.stop().await;
+}
