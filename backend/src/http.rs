@@ -125,6 +125,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             Err(JsonRejection::MissingJsonContentType(_)) => {
                 Err(ApiError::bad("expected a JSON body with content-type: application/json"))
             }
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::TooLarge(format!("request body is over {MAX_BODY_BYTES} bytes")))
+            }
             Err(e) => Err(ApiError::bad(e.body_text())),
         }
     }

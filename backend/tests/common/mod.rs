@@ -50,6 +50,13 @@ impl TestBackend {
     /// Starts a backend with test settings (own fan-out queue, own
     /// membership key, cheap argon2), changed by `tweak`.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestBackend {
+        let tb = TestBackend::start_unready(tweak).await;
+        wait_for("backend ready", || async { tb.client().call("GET", "/readyz", None, None).await.status == 200 }).await;
+        tb
+    }
+
+    /// Like [`TestBackend::start`], without waiting for `/readyz`.
+    pub async fn start_unready(tweak: impl FnOnce(&mut Config)) -> TestBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = Config::for_tests(SECRET);
@@ -71,7 +78,7 @@ impl TestBackend {
             let _ = rx.await;
         }));
         let tb = TestBackend { addr, backend, stop: Some(tx), join: Some(join) };
-        wait_for("backend ready", || async { tb.client().call("GET", "/readyz", None, None).await.status == 200 }).await;
+        wait_for("backend listening", || async { TcpStream::connect(tb.addr).await.is_ok() }).await;
         tb
     }
 
@@ -89,6 +96,7 @@ impl TestBackend {
         }
         let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
+        // Absent if this backend never reached the broker: deleting is a no-op then.
         ch.queue_delete(self.backend.config.fanout_queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
         let mut redis = self.redis().await;
         let _: () = redis::cmd("DEL").arg(&self.backend.config.membership_key).query_async(&mut redis).await.unwrap();
@@ -169,11 +177,11 @@ impl Client {
         let stream = TcpStream::connect(self.addr).await.unwrap();
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
         tokio::spawn(conn);
-        let mut b = hyper::Request::builder().method(method).uri(path).header("host", "backend");
-        if body.is_some() {
+        let mut b = build(hyper::Request::builder().method(method).uri(path).header("host", "backend"));
+        if body.is_some() && !b.headers_ref().is_some_and(|h| h.contains_key("content-type")) {
             b = b.header("content-type", "application/json");
         }
-        let req = build(b).body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+        let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
         let resp = sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
