@@ -89,23 +89,7 @@ async fn ten_thousand_followers_are_three_messages_for_three_nodes() {
     let api = backend.client();
     let (author, author_token) = api.user("Famous").await;
 
-    // The followers, in bulk, straight into PostgreSQL.
-    let prefix = unique("fan");
-    let db = pg().await;
-    db.execute(
-        "INSERT INTO users (id, first_name, second_name, birthdate, biography, city, password_hash) \
-         SELECT $1 || '-' || g, 'Fan', 'Of', '2000-01-01', '', '', 'x' FROM generate_series(1, $2::int) g",
-        &[&prefix, &(FOLLOWERS as i32)],
-    )
-    .await
-    .unwrap();
-    db.execute(
-        "INSERT INTO follows (follower_id, followee_id) SELECT $1 || '-' || g, $3 FROM generate_series(1, $2::int) g",
-        &[&prefix, &(FOLLOWERS as i32), &author],
-    )
-    .await
-    .unwrap();
-    let followers: Vec<String> = (1..=FOLLOWERS).map(|i| format!("{prefix}-{i}")).collect();
+    let followers = bulk_followers(&author, FOLLOWERS).await;
 
     // Three fake gateway nodes in this backend's membership key, kept fresh.
     let key = backend.backend.config.membership_key.clone();
@@ -148,16 +132,11 @@ async fn ten_thousand_followers_are_three_messages_for_three_nodes() {
     assert_eq!(all, followers.iter().cloned().collect::<HashSet<_>>());
 
     // Every follower's cached feed holds the post (written before publishing).
-    let mut redis = backend.redis().await;
-    let mut pipe = redis::pipe();
-    for f in &followers {
-        pipe.zscore(format!("feed:{f}"), &post_id);
-    }
-    let scores: Vec<Option<f64>> = pipe.query_async(&mut redis).await.unwrap();
-    assert_eq!(scores.iter().filter(|s| s.is_some()).count(), FOLLOWERS);
+    assert_eq!(feeds_holding(&followers, &post_id).await, FOLLOWERS);
 
     // Without live members: one message per slot at most, same recipients.
     heartbeat.abort();
+    let mut redis = redis_conn().await;
     let _: () = redis::cmd("DEL").arg(&key).query_async(&mut redis).await.unwrap();
     let second = api.post(&author_token, "anyone there?").await;
     let messages = tap.collect(&second, FOLLOWERS, Duration::from_millis(500)).await;
@@ -181,11 +160,38 @@ async fn ten_thousand_followers_are_three_messages_for_three_nodes() {
     assert!(counter("backend_events_published_total") >= (3 + messages.len()) as f64);
 
     // Tidy the shared Redis: these followers' feeds and the posts' bodies.
-    let mut pipe = redis::pipe();
-    for f in &followers {
-        pipe.del(format!("feed:{f}")).ignore();
-    }
-    pipe.del(format!("post:{post_id}")).ignore().del(format!("post:{second}")).ignore();
-    let _: () = pipe.query_async(&mut redis).await.unwrap();
+    drop_feeds(&followers).await;
+    let _: () = redis::pipe().del(format!("post:{post_id}")).del(format!("post:{second}")).query_async(&mut redis).await.unwrap();
+    backend.stop().await;
+}
+
+#[tokio::test]
+async fn a_fan_out_cut_off_by_a_broker_failure_is_redone_without_losing_anyone() {
+    const N: usize = 3000;
+    let proxy = AmqpProxy::start().await;
+    let url = proxy.url();
+    let backend = TestBackend::start(move |c| c.amqp_url = url).await;
+    let api = backend.client();
+    let (author, author_token) = api.user("Unlucky").await;
+    let followers = bulk_followers(&author, N).await;
+
+    let mut tap = Tap::new().await;
+    let post_id = api.post(&author_token, "through a flaky broker").await;
+    // Cut every connection of the backend as soon as its first event
+    // message shows up: the job is mid-publish, not yet acknowledged.
+    let first = tap.collect(&post_id, 1, Duration::ZERO).await;
+    assert!(!first.is_empty());
+    assert!(proxy.kill_all() >= 1, "the backend's broker connections went through the proxy");
+
+    // The job went back to the queue and a reconnected worker redid it.
+    let messages = tap.collect(&post_id, N, Duration::from_millis(300)).await;
+    let slots: HashSet<u16> = messages.iter().map(|(s, _)| *s).collect();
+    eprintln!("after the cut: {} messages over {} slots", messages.len(), slots.len());
+    let mut all: HashSet<String> = first.into_iter().flat_map(|(_, r)| r).collect();
+    all.extend(messages.into_iter().flat_map(|(_, r)| r));
+    assert_eq!(all, followers.iter().cloned().collect::<HashSet<_>>(), "every follower got the event");
+    assert_eq!(feeds_holding(&followers, &post_id).await, N);
+
+    drop_feeds(&followers).await;
     backend.stop().await;
 }

@@ -304,3 +304,84 @@ pub async fn next_event(ws: &mut Ws) -> PostEvent {
         }
     }
 }
+
+/// Creates `n` users following `author`, in bulk, straight in PostgreSQL.
+/// Returns their ids.
+pub async fn bulk_followers(author: &str, n: usize) -> Vec<String> {
+    let prefix = unique("fan");
+    let db = pg().await;
+    db.execute(
+        "INSERT INTO users (id, first_name, second_name, birthdate, biography, city, password_hash) \
+         SELECT $1 || '-' || g, 'Fan', 'Of', '2000-01-01', '', '', 'x' FROM generate_series(1, $2::int) g",
+        &[&prefix, &(n as i32)],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO follows (follower_id, followee_id) SELECT $1 || '-' || g, $3 FROM generate_series(1, $2::int) g",
+        &[&prefix, &(n as i32), &author],
+    )
+    .await
+    .unwrap();
+    (1..=n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// How many of `users`' cached feeds hold `post_id`.
+pub async fn feeds_holding(users: &[String], post_id: &str) -> usize {
+    let mut redis = redis_conn().await;
+    let mut pipe = redis::pipe();
+    for u in users {
+        pipe.zscore(format!("feed:{u}"), post_id);
+    }
+    let scores: Vec<Option<f64>> = pipe.query_async(&mut redis).await.unwrap();
+    scores.iter().filter(|s| s.is_some()).count()
+}
+
+/// Deletes `users`' cached feeds (tidying the shared Redis).
+pub async fn drop_feeds(users: &[String]) {
+    let mut redis = redis_conn().await;
+    let mut pipe = redis::pipe();
+    for u in users {
+        pipe.del(format!("feed:{u}")).ignore();
+    }
+    let _: () = pipe.query_async(&mut redis).await.unwrap();
+}
+
+/// A TCP forwarder to RabbitMQ whose connections a test can kill, like a
+/// broker crash or a network blip.
+pub struct AmqpProxy {
+    pub addr: SocketAddr,
+    conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl AmqpProxy {
+    pub async fn start() -> AmqpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Default::default();
+        let list = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let handle = tokio::spawn(async move {
+                    if let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+                list.lock().unwrap().push(handle);
+            }
+        });
+        AmqpProxy { addr, conns }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    /// Drops every proxied connection at once; returns how many.
+    pub fn kill_all(&self) -> usize {
+        let handles: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
+        let n = handles.len();
+        handles.into_iter().for_each(|h| h.abort());
+        n
+    }
+}
