@@ -17,10 +17,17 @@ use crate::ring::Member;
 /// The default Redis hash of gateway nodes. Configurable (`--membership-key`)
 /// so several clusters, or tests, can share one Redis.
 pub const MEMBERS_KEY: &str = "gateway:nodes";
-/// How often a node refreshes its heartbeat.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a node refreshes its heartbeat and re-reads the members. Half
+/// a second keeps "dead node noticed" within 5.5 s of its last beat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 /// A node is a member while its heartbeat is younger than this (SPEC: 5 s).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Publishers keep a member this much longer than gateways do. Gateways
+/// must have re-bound a dead node's slots before any publisher stops routing
+/// to it: otherwise a group routed by one of its slots reaches nobody.
+pub const PUBLISHER_GRACE: Duration = Duration::from_secs(1);
+/// Gateways delete a stale field only once publishers have dropped it too.
+pub const FIELD_CLEANUP_AGE: Duration = Duration::from_secs(7);
 
 /// What a node writes into its field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,10 +57,11 @@ pub fn stale_fields(fields: &HashMap<String, String>, now_ms: u64, timeout: Dura
     fields.keys().filter(|k| !live.contains(k)).cloned().collect()
 }
 
-/// Reads the live members of the hash `key` from Redis.
+/// Reads the members a publisher should route to from the hash `key`
+/// (heartbeat younger than the timeout plus [`PUBLISHER_GRACE`]).
 pub async fn fetch(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> redis::RedisResult<Vec<Member>> {
     let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(key).query_async(conn).await?;
-    Ok(live_members(&fields, now_ms(), HEARTBEAT_TIMEOUT))
+    Ok(live_members(&fields, now_ms(), HEARTBEAT_TIMEOUT + PUBLISHER_GRACE))
 }
 
 pub fn now_ms() -> u64 {

@@ -99,6 +99,7 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
         )
         .await?;
     gw.broker_ready.store(true, Ordering::Relaxed);
+    gw.joined.store(true, Ordering::Relaxed);
     *backoff = MIN_BACKOFF;
     tracing::info!(queue, slots = bound.len(), "consuming");
 

@@ -25,11 +25,22 @@ use crate::state::Gateway;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// A write that makes no progress for this long means the peer is gone.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Reading the feed for `?since=` must take less than this.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most buffers handed to one `writev` (Linux allows 1024).
 const MAX_IOVECS: usize = 64;
 
 /// Serves an upgraded WebSocket for an authenticated user until it closes.
-pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, user: String, token_expires_at: u64, proxied: bool) {
+/// What the upgrade request asked for.
+pub struct Request {
+    pub user: String,
+    pub token_expires_at: u64,
+    /// `?since=<post id>`: replay newer feed events first.
+    pub since: Option<String>,
+}
+
+pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
+    let Request { user, token_expires_at, since } = req;
     let (stream, pre_read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => (parts.io.into_inner(), parts.read_buf),
         Err(_) => {
@@ -66,10 +77,11 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, user: String, token_exp
     // The ring may have moved this user between the ownership check and
     // the registration; a reconcile that ran before it did not see this
     // device, so check again now that it is visible.
-    if let Some((false, owner)) = gw.owner_of(&user)
-        && !proxied
-    {
+    if let Some((false, owner)) = gw.owner_of(&user) {
         device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url });
+    }
+    if let Some(since) = since {
+        recover(&gw, &device, &since).await;
     }
     let mut writer = tokio::spawn(write_loop(gw.clone(), wr, device.clone()));
 
@@ -112,6 +124,39 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, user: String, token_exp
     gw.sessions.unregister(&device);
     if wrote_close {
         linger(&mut rd).await;
+    }
+}
+
+/// Queues the feed's events newer than `since` ahead of the live ones
+/// (the device is registered already, so nothing published meanwhile is
+/// missed; an event in both arrives twice, recognisable by its id). If the
+/// feed cannot be read, the device is closed with 1011 to reconnect later
+/// rather than silently miss events.
+async fn recover(gw: &Gateway, device: &Device, since: &str) {
+    let read = async {
+        let mut conn = gw.redis().await?;
+        contract::feedcache::events_since(&mut conn, &device.user, since).await
+    };
+    match tokio::time::timeout(RECOVERY_TIMEOUT, read).await {
+        Ok(Ok(events)) => {
+            let now = contract::event::now_micros();
+            let frames = events
+                .iter()
+                .map(|e| Queued {
+                    frame: frame::text(&serde_json::to_vec(e).expect("events serialize")),
+                    published_at_us: now,
+                })
+                .collect::<Vec<_>>();
+            gw.metrics.recovered.increment(frames.len() as u64);
+            device.outbox.prepend(frames);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("feed recovery failed: {e}");
+            device.outbox.close(Close::Frame { code: 1011, reason: "feed recovery unavailable, retry".into() });
+        }
+        Err(_) => {
+            device.outbox.close(Close::Frame { code: 1011, reason: "feed recovery timed out, retry".into() });
+        }
     }
 }
 

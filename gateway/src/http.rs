@@ -69,12 +69,16 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
         gw.metrics.opened_bad_request.increment(1);
         return message(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
     }
-    // Not the owner: proxy to it, unless this request is already a proxied
-    // one (then the rings disagree for a moment; serving here is safe, the
-    // next reconcile moves the device with 4001).
-    if req.headers().get(proxy::PROXIED_HEADER).is_none()
-        && let Some((false, owner)) = gw.owner_of(&claims.sub)
-    {
+    // Not the owner: proxy to it. A node never serves a user whose slot it
+    // has not bound: events for that user would not reach it. So when a
+    // proxied request arrives while the rings disagree (the proxy reconciled
+    // first), the client is asked to retry in a moment.
+    if let Some((false, owner)) = gw.owner_of(&claims.sub) {
+        if req.headers().contains_key(proxy::PROXIED_HEADER) {
+            let mut resp = message(StatusCode::SERVICE_UNAVAILABLE, "ring is changing, retry");
+            resp.headers_mut().insert("retry-after", "1".parse().expect("static"));
+            return resp;
+        }
         let token = token::from_request(req.headers(), req.uri().query()).unwrap_or_default().to_owned();
         return proxy::proxy(gw, guard, req, token, owner).await;
     }
@@ -85,14 +89,21 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
             return message(StatusCode::BAD_REQUEST, &format!("bad WebSocket handshake: {e}"));
         }
     };
-    let proxied = req.headers().contains_key(proxy::PROXIED_HEADER);
+    let since = req.uri().query().and_then(|q| token::query_param(q, "since")).map(str::to_owned);
+    if since.as_ref().is_some_and(|s| s.len() > contract::slot::MAX_USER_ID_LEN) {
+        gw.metrics.opened_bad_request.increment(1);
+        return message(StatusCode::BAD_REQUEST, "since: a post id is at most 64 bytes");
+    }
     let task_gw = gw.clone();
     gw.tasks.spawn(async move {
         let _guard = guard;
         match upgrade.await {
             // fastwebsockets' own framing is set aside (see `frame`): take
             // the raw upgraded stream back.
-            Ok(ws) => connection::serve(task_gw, ws.into_inner().into_inner(), claims.sub, claims.exp, proxied).await,
+            Ok(ws) => {
+                let req = connection::Request { user: claims.sub, token_expires_at: claims.exp, since };
+                connection::serve(task_gw, ws.into_inner().into_inner(), req).await
+            }
             Err(e) => tracing::debug!("upgrade failed: {e}"),
         }
     });

@@ -2,6 +2,10 @@
 //! back, and the wanted ring handed to the broker task, which reconciles
 //! bindings and sessions (make before break).
 //!
+//! Joining is make before break too: a new node first reads the members,
+//! computes the ring with itself in it and binds its slots; only then does
+//! it announce itself. Publishers never route to a slot nobody has bound.
+//!
 //! A member stays in this node's view until its last heartbeat is older
 //! than the timeout, even if Redis forgets it (a Redis restart keeps
 //! nothing). Nodes re-register within one interval, so a Redis blip does
@@ -12,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use contract::membership::{HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Record, now_ms};
+use contract::membership::{FIELD_CLEANUP_AGE, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Record, now_ms};
 use contract::ring::{Member, Ring};
 use redis::aio::MultiplexedConnection;
 
@@ -54,11 +58,11 @@ pub async fn run(gw: Arc<Gateway>) {
                 conn = Some(client.get_multiplexed_async_connection().await?);
             }
             let c = conn.as_mut().expect("connected");
-            let (fields,): (HashMap<String, String>,) = redis::pipe()
-                .cmd("HSET").arg(&key).arg(&me).arg(record(now)).ignore()
-                .cmd("HGETALL").arg(&key)
-                .query_async(c)
-                .await?;
+            let mut pipe = redis::pipe();
+            if gw.joined.load(Ordering::Relaxed) {
+                pipe.cmd("HSET").arg(&key).arg(&me).arg(record(now)).ignore();
+            }
+            let (fields,): (HashMap<String, String>,) = pipe.cmd("HGETALL").arg(&key).query_async(c).await?;
             Ok::<_, redis::RedisError>(fields)
         };
         let fields = match tokio::time::timeout(REDIS_TIMEOUT, beat).await {
@@ -89,13 +93,25 @@ pub async fn run(gw: Arc<Gateway>) {
             for id in &stale {
                 seen.remove(id);
             }
-            // Any survivor may clean up; HDEL is idempotent. A field
-            // refreshed meanwhile by a live node is rewritten next beat.
-            if let Some(c) = conn.as_mut() {
-                let _: Result<(), _> = redis::cmd("HDEL").arg(&key).arg(&stale).query_async(c).await;
-            }
         }
-        let members: Vec<Member> = seen.iter().map(|(id, (url, _))| Member { node_id: id.clone(), url: url.clone() }).collect();
+        // Any survivor may clean up (HDEL is idempotent), but only fields
+        // that publishers have stopped routing to as well.
+        let cleanup: Vec<&String> = fields
+            .iter()
+            .filter(|(_, v)| serde_json::from_str::<Record>(v).map_or(true, |r| now.saturating_sub(r.heartbeat_ms) >= FIELD_CLEANUP_AGE.as_millis() as u64))
+            .map(|(k, _)| k)
+            .collect();
+        if !cleanup.is_empty()
+            && let Some(c) = conn.as_mut()
+        {
+            let _: Result<(), _> = redis::cmd("HDEL").arg(&key).arg(&cleanup).query_async(c).await;
+        }
+        let mut members: Vec<Member> = seen.iter().map(|(id, (url, _))| Member { node_id: id.clone(), url: url.clone() }).collect();
+        // Before it announces itself, the node is in its own view only.
+        if !members.iter().any(|m| m.node_id == me) {
+            members.push(Member { node_id: me.clone(), url: gw.config.advertise_url().to_owned() });
+            members.sort();
+        }
         let changed = gw.wanted_ring.borrow().as_ref().is_none_or(|r| r.members() != members.as_slice());
         if changed {
             tracing::info!(members = ?members.iter().map(|m| &m.node_id).collect::<Vec<_>>(), "ring membership changed");

@@ -97,6 +97,24 @@ impl Outbox {
         Push::Queued
     }
 
+    /// Puts recovered events in front of whatever is queued, in order. Not
+    /// bounded by the capacity: recovery is bounded by the feed length, and
+    /// a device must get its backlog before its live events.
+    pub fn prepend(&self, items: Vec<Queued>) {
+        if items.is_empty() {
+            return;
+        }
+        let mut s = self.state.lock();
+        if s.close.is_some() || s.finished {
+            return;
+        }
+        for item in items.into_iter().rev() {
+            s.frames.push_front(item);
+        }
+        drop(s);
+        self.wake.notify_one();
+    }
+
     /// Queues a control frame (ping or pong). Not counted against the
     /// capacity: there is at most one per ping interval or client ping.
     pub fn push_control(&self, frame: Bytes) {

@@ -142,6 +142,10 @@ impl Sessions {
         self.users.iter().map(|e| e.value().len()).sum()
     }
 
+    pub fn device_count_of(&self, user: &str) -> usize {
+        self.users.get(user).map_or(0, |d| d.len())
+    }
+
     pub fn user_count(&self) -> usize {
         self.users.len()
     }

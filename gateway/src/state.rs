@@ -29,6 +29,9 @@ pub struct Gateway {
     pub wanted_ring: tokio::sync::watch::Sender<Option<Arc<Ring>>>,
     /// True while the broker consumer is up (for `/readyz`).
     pub broker_ready: AtomicBool,
+    /// Set once the broker has bound this node's slots: from then on the
+    /// node announces itself in the membership.
+    pub joined: AtomicBool,
     /// True while membership heartbeats succeed (for `/readyz`).
     pub membership_ready: AtomicBool,
     /// Cancelled after the node has left the ring and others took over its
@@ -40,6 +43,8 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Redis for recovery reads, connected on first use (reconnects itself).
+    redis: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
 }
 
 impl Gateway {
@@ -59,17 +64,31 @@ impl Gateway {
             ring: RwLock::new(Arc::new(ring)),
             wanted_ring: tokio::sync::watch::channel(None).0,
             broker_ready: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
             membership_ready: AtomicBool::new(false),
             stop_consuming: CancellationToken::new(),
             open_sockets: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            redis: tokio::sync::OnceCell::new(),
             config,
         })
     }
 
     pub fn ring(&self) -> Arc<Ring> {
         self.ring.read().clone()
+    }
+
+    /// A Redis connection for recovery reads.
+    pub async fn redis(&self) -> redis::RedisResult<redis::aio::ConnectionManager> {
+        let conn = self
+            .redis
+            .get_or_try_init(|| async {
+                let client = redis::Client::open(self.config.redis_url.as_str())?;
+                redis::aio::ConnectionManager::new(client).await
+            })
+            .await?;
+        Ok(conn.clone())
     }
 
     pub fn is_draining(&self) -> bool {

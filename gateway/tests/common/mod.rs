@@ -3,6 +3,8 @@
 //! implementation of the protocol).
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,7 +190,10 @@ impl Publisher {
     }
 
     pub async fn publish_raw(&self, slot: u16, body: &[u8]) {
-        let mut headers = FieldTable::default();
+        self.publish_with_headers(slot, body, FieldTable::default()).await
+    }
+
+    pub async fn publish_with_headers(&self, slot: u16, body: &[u8], mut headers: FieldTable) {
         headers.insert(HEADER_PUBLISHED_AT.into(), AMQPValue::LongLongInt(event::now_micros() as i64));
         self.ch
             .basic_publish(
@@ -285,4 +290,112 @@ impl AmqpProxy {
         handles.into_iter().for_each(|h| h.abort());
         n
     }
+}
+
+/// A sortable post id whose first 12 hex digits are unix ms, like UUIDv7.
+pub fn post_id(seq: u64) -> String {
+    let ms = event::now_micros() / 1000;
+    format!("{ms:012x}-7000-8000-{seq:012x}")
+}
+
+/// Does what the backend does for a post: puts it into each recipient's
+/// feed cache, then publishes one message per owner node of `ring`.
+pub async fn post_like_backend(
+    redis: &mut redis::aio::MultiplexedConnection,
+    publisher: &Publisher,
+    ring: &contract::ring::Ring,
+    recipients: &[String],
+    ev: &PostEvent,
+) {
+    use contract::feedcache::{CachedPost, feed_key, post_key};
+    let body = CachedPost { id: ev.id.clone(), text: ev.data.post_text.clone(), author_user_id: ev.data.author_user_id.clone() };
+    let mut pipe = redis::pipe();
+    pipe.set(post_key(&ev.id), serde_json::to_string(&body).unwrap()).ignore();
+    for r in recipients {
+        pipe.zadd(feed_key(r), &ev.id, 0).ignore();
+    }
+    pipe.query_async::<()>(redis).await.unwrap();
+    let mut groups: std::collections::BTreeMap<usize, Vec<&str>> = Default::default();
+    for r in recipients {
+        groups.entry(ring.owner_index(slot_of(r)).unwrap_or(0)).or_default().push(r);
+    }
+    for g in groups.values() {
+        publisher.publish(g, ev).await;
+    }
+}
+
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open("redis://127.0.0.1:6379").unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+/// What a smart device saw over its life.
+#[derive(Debug, Default)]
+pub struct DeviceLog {
+    pub ids: std::collections::BTreeSet<String>,
+    pub moved: u32,
+    pub reconnects: u32,
+}
+
+/// A device that behaves as SPEC asks of clients: on 4001 it reconnects to
+/// the URL in the reason, on any other loss it reconnects through `entry`,
+/// and it always asks for `?since=` the newest id it has.
+pub async fn smart_device(entry: String, user: String, stop: tokio_util::sync::CancellationToken) -> DeviceLog {
+    use futures_util::StreamExt;
+    let token = token_for(&user);
+    let mut log = DeviceLog::default();
+    let mut url = entry.clone();
+    while !stop.is_cancelled() {
+        let since = log.ids.iter().next_back().map(|s| format!("&since={s}")).unwrap_or_default();
+        let full = format!("{url}/post/feed/posted?token={token}{since}");
+        let ws = tokio::time::timeout(Duration::from_secs(3), tokio_tungstenite::connect_async(full)).await;
+        let Ok(Ok((mut ws, _))) = ws else {
+            url = entry.clone();
+            log.reconnects += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        loop {
+            let msg = tokio::select! {
+                m = ws.next() => m,
+                _ = stop.cancelled() => return log,
+            };
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let ev: PostEvent = serde_json::from_str(&t).unwrap();
+                    log.ids.insert(ev.id);
+                }
+                Some(Ok(Message::Close(Some(c)))) if u16::from(c.code) == 4001 => {
+                    url = c.reason.to_string();
+                    log.moved += 1;
+                    break;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                _ => {
+                    url = entry.clone();
+                    log.reconnects += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+            }
+        }
+    }
+    log
+}
+
+/// The (queue, slot) bindings of `feed.events`, read with rabbitmqctl.
+pub async fn bindings() -> Vec<(String, u16)> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_bindings", "-q", "--no-table-headers", "source_name", "destination_name", "routing_key"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            (f.next()? == contract::topology::EXCHANGE).then_some(())?;
+            let q = f.next()?.to_owned();
+            Some((q, f.next()?.parse().ok()?))
+        })
+        .collect()
 }

@@ -1,0 +1,83 @@
+//! A fourth node joins under load: a quarter of the slots move, moved devices follow 4001 and recover with `since`, nothing is lost.
+//! (Each multi-node test has a binary of its own: clusters bind every slot
+//! of the one exchange, so concurrent clusters would see each other's
+//! messages, which a single deployment never does.)
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::cluster::*;
+use common::*;
+use contract::membership;
+use contract::ring::Ring;
+use contract::slot::{SLOTS, slot_of};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn a_fourth_node_takes_about_a_quarter_and_moved_devices_lose_nothing() {
+    let key = unique("ring");
+    let mut nodes = cluster(3, &key).await;
+    let three = Ring::new(membership::fetch(&mut redis_conn().await, &key).await.unwrap());
+    let users: Vec<String> = (0..60).map(|i| unique(&format!("m{i}"))).collect();
+    let stop = CancellationToken::new();
+    let entry = format!("ws://{}", nodes[0].addr);
+    let devices: Vec<_> =
+        users.iter().map(|u| tokio::spawn(smart_device(entry.clone(), u.clone(), stop.clone()))).collect();
+    wait_for("devices connected", || async { nodes.iter().map(|n| n.gw.sessions.device_count()).sum::<usize>() == 60 })
+        .await;
+
+    // Publish all along, with the ring view a backend would have: read
+    // from Redis before each post (so it lags membership changes a little).
+    let publishing = {
+        let (users, key) = (users.clone(), key.clone());
+        tokio::spawn(async move {
+            let publisher = Publisher::new().await;
+            let mut redis = redis_conn().await;
+            let mut ids = Vec::new();
+            for seq in 0..80u64 {
+                let ring = Ring::new(membership::fetch(&mut redis, &key).await.unwrap());
+                let mut ev = post("x");
+                ev.id = post_id(seq);
+                ev.data.post_id = ev.id.clone();
+                post_like_backend(&mut redis, &publisher, &ring, &users, &ev).await;
+                ids.push(ev.id);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let key4 = key.clone();
+    nodes.push(Node::start(move |c| c.membership_key = key4).await);
+    wait_converged(&nodes).await;
+    let four = nodes[0].gw.ring();
+    let moved: Vec<u16> = (0..SLOTS).filter(|&s| three.owner(s) != four.owner(s)).collect();
+    let new_id = nodes[3].gw.config.node_id();
+    assert!(moved.iter().all(|&s| four.owner(s).unwrap().node_id == new_id), "only slots to the new node move");
+    assert!((150..400).contains(&moved.len()), "{} slots moved, expected about 256", moved.len());
+
+    let ids = publishing.await.unwrap();
+    let all: BTreeSet<String> = ids.into_iter().collect();
+    wait_for("every device has every event", || async {
+        nodes.iter().map(|n| n.gw.sessions.device_count()).sum::<usize>() == 60
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let mut moved_devices = 0;
+    for (u, d) in users.iter().zip(devices) {
+        let log = d.await.unwrap();
+        let missing: Vec<_> = all.difference(&log.ids).collect();
+        assert!(missing.is_empty(), "{u} lost {} events: {missing:?}", missing.len());
+        let user_moved = moved.contains(&slot_of(u));
+        if user_moved {
+            assert!(log.moved >= 1, "{u} moved to the new node but got no 4001");
+            moved_devices += 1;
+        }
+    }
+    wait_bindings_match(&nodes, &four).await;
+    eprintln!("join: {} of 1024 slots moved, {moved_devices} of 60 devices moved, 0 events lost", moved.len());
+}
+
