@@ -1,5 +1,5 @@
-//! The feed cache in Redis: each user's newest [`FEED_LEN`] post ids, and
-//! the posts' bodies, stored once per post.
+//! The feed cache in Redis (layout in `contract::feedcache`): each user's
+//! newest [`FEED_LEN`] post ids, and the posts' bodies, stored once per post.
 //!
 //! - `feed:{user}` is a sorted set. Posts have score 0, so they order by
 //!   member, and post ids are UUIDv7: lexicographic order is creation
@@ -19,12 +19,9 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionManager;
-use serde::{Deserialize, Serialize};
 
 use crate::error::ApiResult;
 
-/// Posts kept per feed (SPEC: the last 1000).
-pub const FEED_LEN: usize = 1000;
 /// A feed nobody read or wrote for this long is dropped; it is rebuilt
 /// from PostgreSQL on the next read. Keeps inactive users out of memory.
 pub const FEED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -33,21 +30,8 @@ pub const POST_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Marker member of a feed built from PostgreSQL.
 const BUILT_MARKER: &str = "";
 
-/// A post as the API returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Post {
-    pub id: String,
-    pub text: String,
-    pub author_user_id: String,
-}
-
-pub fn feed_key(user_id: &str) -> String {
-    format!("feed:{user_id}")
-}
-
-pub fn post_key(post_id: &str) -> String {
-    format!("post:{post_id}")
-}
+/// The key layout is shared with the gateways' recovery (`?since=`).
+pub use contract::feedcache::{CachedPost as Post, FEED_LEN, feed_key, post_key};
 
 /// The cache: a Redis connection (multiplexed, reconnecting).
 #[derive(Clone)]
