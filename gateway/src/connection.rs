@@ -131,7 +131,8 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
 /// (the device is registered already, so nothing published meanwhile is
 /// missed; an event in both arrives twice, recognisable by its id). If the
 /// feed cannot be read, the device is closed with 1011 to reconnect later
-/// rather than silently miss events.
+/// rather than silently miss events, and live events queued meanwhile are
+/// dropped: delivering them would move the client's next `since` past the gap.
 async fn recover(gw: &Gateway, device: &Device, since: &str) {
     let read = async {
         let mut conn = gw.redis().await?;
@@ -152,10 +153,11 @@ async fn recover(gw: &Gateway, device: &Device, since: &str) {
         }
         Ok(Err(e)) => {
             tracing::warn!("feed recovery failed: {e}");
-            device.outbox.close(Close::Frame { code: 1011, reason: "feed recovery unavailable, retry".into() });
+            device.outbox.close_discarding(Close::Frame { code: 1011, reason: "feed recovery unavailable, retry".into() });
         }
         Err(_) => {
-            device.outbox.close(Close::Frame { code: 1011, reason: "feed recovery timed out, retry".into() });
+            tracing::warn!("feed recovery timed out");
+            device.outbox.close_discarding(Close::Frame { code: 1011, reason: "feed recovery timed out, retry".into() });
         }
     }
 }

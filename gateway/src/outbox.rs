@@ -138,6 +138,19 @@ impl Outbox {
         }
     }
 
+    /// Like [`Outbox::close`], but drops what is queued: for a device that
+    /// must not see newer events than a gap it has (failed recovery), or
+    /// its next `since` would skip the gap.
+    pub fn close_discarding(&self, close: Close) {
+        let mut s = self.state.lock();
+        if s.close.is_none() && !s.finished {
+            s.frames = VecDeque::new();
+            s.close = Some(close);
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+
     pub fn is_closing(&self) -> bool {
         let s = self.state.lock();
         s.close.is_some() || s.finished
