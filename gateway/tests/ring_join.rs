@@ -28,26 +28,7 @@ async fn a_fourth_node_takes_about_a_quarter_and_moved_devices_lose_nothing() {
     wait_for("devices connected", || async { nodes.iter().map(|n| n.gw.sessions.device_count()).sum::<usize>() == 60 })
         .await;
 
-    // Publish all along, with the ring view a backend would have: read
-    // from Redis before each post (so it lags membership changes a little).
-    let publishing = {
-        let (users, key) = (users.clone(), key.clone());
-        tokio::spawn(async move {
-            let publisher = Publisher::new().await;
-            let mut redis = redis_conn().await;
-            let mut ids = Vec::new();
-            for seq in 0..80u64 {
-                let ring = Ring::new(membership::fetch(&mut redis, &key).await.unwrap());
-                let mut ev = post("x");
-                ev.id = post_id(seq);
-                ev.data.post_id = ev.id.clone();
-                post_like_backend(&mut redis, &publisher, &ring, &users, &ev).await;
-                ids.push(ev.id);
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-            ids
-        })
-    };
+    let publishing = publish_series(users.clone(), key.clone(), 80, Duration::from_millis(40));
     tokio::time::sleep(Duration::from_millis(800)).await;
     let key4 = key.clone();
     nodes.push(Node::start(move |c| c.membership_key = key4).await);

@@ -95,24 +95,7 @@ async fn a_killed_node_is_replaced_and_its_devices_lose_nothing() {
     })
     .await;
 
-    let publishing = {
-        let (users, key) = (users.clone(), key.clone());
-        tokio::spawn(async move {
-            let publisher = Publisher::new().await;
-            let mut redis = redis_conn().await;
-            let mut ids = Vec::new();
-            for seq in 0..160u64 {
-                let ring = Ring::new(membership::fetch(&mut redis, &key).await.unwrap());
-                let mut ev = post("x");
-                ev.id = post_id(seq);
-                ev.data.post_id = ev.id.clone();
-                post_like_backend(&mut redis, &publisher, &ring, &users, &ev).await;
-                ids.push(ev.id);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            ids
-        })
-    };
+    let publishing = publish_series(users.clone(), key.clone(), 160, Duration::from_millis(50));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let victim_id = ring.members().iter().find(|m| m.url == format!("ws://{}", addrs[2])).unwrap().node_id.clone();

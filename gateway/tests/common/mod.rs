@@ -324,6 +324,33 @@ pub async fn post_like_backend(
     }
 }
 
+/// Publishes `count` posts to all `users`, one every `every`, the way a
+/// backend would: the ring is read from the membership `key` before each
+/// post (so it lags membership changes a little). Returns the post ids.
+pub fn publish_series(
+    users: Vec<String>,
+    key: String,
+    count: u64,
+    every: Duration,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let publisher = Publisher::new().await;
+        let mut redis = redis_conn().await;
+        let mut ids = Vec::new();
+        for seq in 0..count {
+            let members = contract::membership::fetch(&mut redis, &key).await.unwrap();
+            let ring = contract::ring::Ring::new(members);
+            let mut ev = post("x");
+            ev.id = post_id(seq);
+            ev.data.post_id = ev.id.clone();
+            post_like_backend(&mut redis, &publisher, &ring, &users, &ev).await;
+            ids.push(ev.id);
+            tokio::time::sleep(every).await;
+        }
+        ids
+    })
+}
+
 pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
     redis::Client::open("redis://127.0.0.1:6379").unwrap().get_multiplexed_async_connection().await.unwrap()
 }
