@@ -36,7 +36,7 @@ pub struct Config {
     pub jwt_secret: Option<String>,
 
     /// How long an issued token is valid.
-    #[arg(long, env = "TOKEN_TTL", default_value = "24h", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "TOKEN_TTL", default_value = "24h", value_parser = humantime::parse_duration, global = true)]
     pub token_ttl: Duration,
 
     /// The Redis hash of live gateway nodes (the ring).
@@ -66,7 +66,7 @@ pub struct Config {
     pub argon2_iterations: u32,
 
     /// How long shutdown waits for requests in flight.
-    #[arg(long, env = "BACKEND_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "BACKEND_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
 }
 
@@ -126,23 +126,6 @@ impl Config {
     }
 }
 
-/// Parses `500ms`, `20s`, `2m`, `24h` or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m or h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
 
 #[cfg(test)]
 mod tests {

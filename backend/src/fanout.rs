@@ -18,18 +18,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use contract::event::{self, HEADER_PUBLISHED_AT, PostEvent};
+use contract::event::{self, PostEvent};
 use contract::membership;
 use contract::ring::Ring;
-use contract::slot::{SLOTS, routing_key, slot_of};
-use contract::topology::{self, EXCHANGE};
+use contract::slot::{SLOTS, slot_of};
+use contract::topology::{self};
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
+use lapin::types::FieldTable;
+use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::load_posts;
@@ -226,17 +226,7 @@ async fn publish(backend: &Backend, ch: &Channel, ev: &PostEvent, groups: Vec<Ve
     for group in groups.iter().filter(|g| !g.is_empty()) {
         let recipients: Vec<&str> = group.iter().map(String::as_str).collect();
         let body = event::encode(&recipients, ev);
-        let mut headers = FieldTable::default();
-        headers.insert(HEADER_PUBLISHED_AT.into(), AMQPValue::LongLongInt(event::now_micros() as i64));
-        let confirm = ch
-            .basic_publish(
-                EXCHANGE.into(),
-                routing_key(slot_of(recipients[0])).as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_headers(headers).with_content_type("application/json".into()),
-            )
-            .await?;
+        let confirm = topology::publish_group(ch, &recipients, &body, FieldTable::default()).await?;
         confirms.push(confirm);
     }
     let n = confirms.len();

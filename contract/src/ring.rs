@@ -33,6 +33,23 @@ pub struct Member {
     pub url: String,
 }
 
+impl std::str::FromStr for Member {
+    type Err = String;
+
+    /// Parses `node_id=ws://host:port`, the form of `--static-members` and
+    /// the load generator's `--node`.
+    fn from_str(s: &str) -> Result<Member, String> {
+        let (id, url) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected node_id=ws://host:port"))?;
+        if id.is_empty() {
+            return Err(format!("{s:?}: the node id is empty"));
+        }
+        if !url.starts_with("ws://") && !url.starts_with("wss://") {
+            return Err(format!("{s:?}: the URL must start with ws:// or wss://"));
+        }
+        Ok(Member { node_id: id.into(), url: url.trim_end_matches('/').into() })
+    }
+}
+
 /// A ring point: hashed as the bytes `"{node}#{index}"`.
 #[derive(Debug, Clone)]
 struct Point {
@@ -125,6 +142,15 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_parses_and_rejects() {
+        let m: Member = "gw-1=ws://127.0.0.1:8084/".parse().unwrap();
+        assert_eq!(m, Member { node_id: "gw-1".into(), url: "ws://127.0.0.1:8084".into() });
+        assert!("gw-1".parse::<Member>().unwrap_err().contains("expected node_id="));
+        assert!("gw-1=http://x".parse::<Member>().unwrap_err().contains("ws://"));
+        assert!("=ws://x".parse::<Member>().unwrap_err().contains("empty"));
+    }
 
     fn member(id: &str) -> Member {
         Member { node_id: id.into(), url: format!("ws://{id}") }

@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{BasicProperties, Channel, ExchangeKind, PublisherConfirm};
+
+use crate::event::{self, HEADER_PUBLISHED_AT};
+use crate::slot::{routing_key, slot_of};
 
 /// Direct exchange; routing key = recipient slot in decimal.
 pub const EXCHANGE: &str = "feed.events";
@@ -76,6 +79,32 @@ pub async fn declare_node_queue(ch: &Channel, node_id: &str) -> lapin::Result<()
     )
     .await?;
     Ok(())
+}
+
+/// Publishes one message carrying `body` for `recipients` (all owned by the
+/// same node) to `feed.events`. This is the one routing rule of SPEC: the
+/// routing key is the first recipient's slot, which the owner binds.
+/// `x-published-at` is set to now unless `headers` already carry it (a
+/// re-publish keeps the original time). Returns the confirm to await on a
+/// confirm channel.
+pub async fn publish_group(
+    ch: &Channel,
+    recipients: &[&str],
+    body: &[u8],
+    mut headers: FieldTable,
+) -> lapin::Result<PublisherConfirm> {
+    let first = recipients.first().copied().unwrap_or_default();
+    if !headers.inner().contains_key(HEADER_PUBLISHED_AT) {
+        headers.insert(HEADER_PUBLISHED_AT.into(), AMQPValue::LongLongInt(event::now_micros() as i64));
+    }
+    ch.basic_publish(
+        EXCHANGE.into(),
+        routing_key(slot_of(first)).as_str().into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default().with_headers(headers).with_content_type("application/json".into()),
+    )
+    .await
 }
 
 /// Reads an integer AMQP header of any integer type.

@@ -18,11 +18,11 @@ use contract::topology::{self, EXCHANGE, header_u64, node_queue};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
     ConfirmSelectOptions, QueueBindOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::frame;
 use crate::outbox::{Close, Queued};
@@ -295,15 +295,7 @@ async fn republish_once(gw: &Gateway, ch: &Channel, delivery: &Delivery, users: 
     headers.insert(HEADER_HOPS.into(), AMQPValue::LongLongInt(1));
     for recipients in groups.values() {
         let body = event::encode(recipients, &msg.event);
-        ch.basic_publish(
-            EXCHANGE.into(),
-            routing_key(slot_of(recipients[0])).as_str().into(),
-            BasicPublishOptions::default(),
-            &body,
-            BasicProperties::default().with_headers(headers.clone()),
-        )
-        .await?
-        .await?;
+        topology::publish_group(ch, recipients, &body, headers.clone()).await?.await?;
         gw.metrics.republished.increment(1);
     }
     Ok(())

@@ -43,7 +43,7 @@ pub struct Config {
 
     /// A fixed ring instead of Redis membership: `id=ws://host:port,...`
     /// (must include this node). Nodes then never join or leave at runtime.
-    #[arg(long, env = "GATEWAY_STATIC_MEMBERS", value_delimiter = ',', value_parser = parse_member)]
+    #[arg(long, env = "GATEWAY_STATIC_MEMBERS", value_delimiter = ',', value_parser = clap::value_parser!(contract::ring::Member))]
     pub static_members: Vec<contract::ring::Member>,
 
     /// Devices one user may hold on this node; one more is closed with 4029.
@@ -61,7 +61,7 @@ pub struct Config {
     pub max_client_frame: usize,
 
     /// Server ping interval. A device silent for two intervals is dropped.
-    #[arg(long, env = "GATEWAY_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
 
     /// Most connections this process holds (WebSocket and HTTP). Keep it
@@ -75,7 +75,7 @@ pub struct Config {
     pub prefetch: u16,
 
     /// How long shutdown waits for devices to take their 1001 and go.
-    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 }
 
@@ -137,28 +137,3 @@ impl Config {
     }
 }
 
-/// Parses `node_id=ws://host:port`.
-pub fn parse_member(s: &str) -> Result<contract::ring::Member, String> {
-    let (id, url) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected node_id=ws://host:port"))?;
-    if !url.starts_with("ws://") && !url.starts_with("wss://") {
-        return Err(format!("{s:?}: the URL must start with ws://"));
-    }
-    Ok(contract::ring::Member { node_id: id.into(), url: url.trim_end_matches('/').into() })
-}
-
-/// Parses `500ms`, `20s`, `2m` or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}

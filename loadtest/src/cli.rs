@@ -44,7 +44,7 @@ pub struct RunArgs {
     pub connect_rate: u32,
     /// Gateway nodes as `node_id=ws://host:port`; users connect to their
     /// ring owner and events are grouped by it.
-    #[arg(long = "node", value_parser = parse_member, default_value = "gw-8084=ws://127.0.0.1:8084")]
+    #[arg(long = "node", default_value = "gw-8084=ws://127.0.0.1:8084")]
     pub nodes: Vec<Member>,
     /// Source addresses to spread connections over (first..=last), to get
     /// past the ~28k ephemeral ports of one address.
@@ -70,13 +70,6 @@ pub struct RunArgs {
     pub mode: String,
 }
 
-fn parse_member(s: &str) -> Result<Member, String> {
-    let (id, url) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected node_id=ws://host:port"))?;
-    if !url.starts_with("ws://") {
-        return Err(format!("{s:?}: the URL must start with ws://"));
-    }
-    Ok(Member { node_id: id.into(), url: url.trim_end_matches('/').into() })
-}
 
 fn parse_ip_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));

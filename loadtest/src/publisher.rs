@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use contract::event::{self, HEADER_PUBLISHED_AT};
 use contract::ring::Ring;
-use contract::slot::{routing_key, slot_of};
-use contract::topology::{self, EXCHANGE};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use contract::slot::slot_of;
+use contract::topology::{self};
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 
 use crate::client::{Shared, event_for};
 
@@ -95,15 +95,7 @@ pub async fn run(amqp_url: &str, plan: &Plan, shared: &Shared) -> anyhow::Result
                 let body = event::encode(recipients, &ev);
                 let mut headers = FieldTable::default();
                 headers.insert(HEADER_PUBLISHED_AT.into(), AMQPValue::LongLongInt(published_us as i64));
-                let confirm = ch
-                    .basic_publish(
-                        EXCHANGE.into(),
-                        routing_key(slot_of(recipients[0])).as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        BasicProperties::default().with_headers(headers),
-                    )
-                    .await?;
+                let confirm = topology::publish_group(&ch, recipients, &body, headers).await?;
                 tx.send(confirm).await.ok();
                 messages += 1;
             }

@@ -193,6 +193,9 @@ impl Publisher {
         self.publish_with_headers(slot, body, FieldTable::default()).await
     }
 
+    /// Publishes with an explicit routing slot, which may disagree with the
+    /// recipients' own (how tests build a stale or wrong routing); real
+    /// publishers use `topology::publish_group`.
     pub async fn publish_with_headers(&self, slot: u16, body: &[u8], mut headers: FieldTable) {
         headers.insert(HEADER_PUBLISHED_AT.into(), AMQPValue::LongLongInt(event::now_micros() as i64));
         self.ch
