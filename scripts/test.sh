@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
 cargo test --workspace --all-targets
+bash scripts/check-compose.sh   # docker-compose.yml, Prometheus and Grafana config (no Docker needed)
 cargo clippy --workspace --all-targets -- -D warnings
