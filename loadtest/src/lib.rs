@@ -12,6 +12,7 @@
 pub mod accounting;
 pub mod cli;
 pub mod client;
+pub mod nchan;
 pub mod publisher;
 pub mod report;
 pub mod run;
