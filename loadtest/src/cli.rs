@@ -1,9 +1,9 @@
 //! The command line.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use contract::ring::Member;
 
 #[derive(Debug, Parser)]
@@ -16,7 +16,18 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Connect devices, publish events at a rate, and report.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// A worker process of `run` (started by it; job on stdin, reports on stdout).
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Publish straight to `feed.events`, grouped by ring owner.
+    Gateway,
+    /// Register users, follow and post through the backend's HTTP API.
+    E2e,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -36,40 +47,62 @@ pub struct RunArgs {
     /// Seconds to publish (or hold) after ramp-up.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
-    /// Seconds to wait for stragglers after the last publish.
+    /// Seconds to wait at most for stragglers after the last publish.
     #[arg(long, default_value_t = 5)]
     pub drain: u64,
-    /// New connections per second during ramp-up.
+    /// New connections per second during ramp-up (all workers together).
     #[arg(long, default_value_t = 5000)]
     pub connect_rate: u32,
-    /// Gateway nodes as `node_id=ws://host:port`; users connect to their
-    /// ring owner and events are grouped by it.
-    #[arg(long = "node", default_value = "gw-8084=ws://127.0.0.1:8084")]
+    /// Worker processes holding the devices (default: one per 15,000
+    /// devices, since one process may open 20,000 files).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// Gateway nodes as `node_id=ws://host:port` (repeatable); overrides
+    /// the Redis membership.
+    #[arg(long = "node")]
     pub nodes: Vec<Member>,
-    /// Source addresses to spread connections over (first..=last), to get
-    /// past the ~28k ephemeral ports of one address.
+    /// Redis holding the gateway membership.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// The Redis hash of live gateway nodes.
+    #[arg(long, env = "MEMBERSHIP_KEY", default_value = contract::membership::MEMBERS_KEY)]
+    pub membership_key: String,
+    /// Source addresses to spread connections over (first-last), to get
+    /// past the ~64k ports of one address; split among the workers.
     #[arg(long, default_value = "127.0.0.1", value_parser = parse_ip_range)]
     pub source_ips: (Ipv4Addr, Ipv4Addr),
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
+    /// HS256 secret shared with the gateways (gateway mode mints tokens).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: String,
+    pub jwt_secret: Option<String>,
     /// Seconds to hold the connections idle after ramp-up before reading
     /// gateway memory (use more than the gateway's ping interval to count
     /// what pongs cost).
     #[arg(long, default_value_t = 2)]
     pub settle: u64,
-    /// Prefix of the user ids, so runs do not collide.
+    /// Prefix of the user ids (gateway mode), so runs do not collide.
     #[arg(long, default_value = "lt")]
     pub user_prefix: String,
     /// Where to write the JSON report.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Publish mode; only `gateway` (straight to feed.events) for now.
-    #[arg(long, default_value = "gateway")]
-    pub mode: String,
+    /// Directory for the SVG charts (default: the JSON report's directory;
+    /// none without --json).
+    #[arg(long)]
+    pub charts: Option<PathBuf>,
+    /// Where to serve the load generator's own /metrics, or `off`.
+    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_listen)]
+    pub metrics_listen: Listen,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+    #[arg(long, value_enum, default_value_t = Mode::Gateway)]
+    pub mode: Mode,
+    /// The backend (e2e mode).
+    #[arg(long, env = "BACKEND_URL", default_value = "http://127.0.0.1:8080")]
+    pub backend_url: String,
 }
-
 
 fn parse_ip_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
@@ -79,4 +112,29 @@ fn parse_ip_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
         return Err(format!("{s:?}: need a loopback range low-high (127.0.0.0/8 only)"));
     }
     Ok((a, b))
+}
+
+/// An address to listen on, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|_| format!("{s:?}: expected host:port or off"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_listen_addresses_parse() {
+        assert_eq!(parse_ip_range("127.0.0.2-127.0.0.9").unwrap().1, Ipv4Addr::new(127, 0, 0, 9));
+        assert!(parse_ip_range("10.0.0.1").is_err());
+        assert!(parse_ip_range("127.0.0.9-127.0.0.2").is_err());
+        assert_eq!(parse_listen("off").unwrap(), Listen(None));
+        assert!(parse_listen("nope").is_err());
+    }
 }

@@ -2,8 +2,7 @@
 //! user's owner node, then reads events and records what arrived.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -17,13 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accounting::Latency;
 
-/// What all devices of a run share.
-pub struct Shared {
+/// What all devices of a worker share.
+pub struct Counters {
     pub latency: Latency,
-    /// Devices connected now, per user index (the publisher reads it to
-    /// know how many deliveries an event should make).
-    pub connected_per_user: Vec<AtomicU32>,
-    pub connected: AtomicU64,
+    /// Events received since the last tick (duplicates too).
     pub received: AtomicU64,
     /// Unix micros of the latest receipt.
     pub last_receipt_us: AtomicU64,
@@ -31,18 +27,21 @@ pub struct Shared {
     pub closes: parking_lot::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
-impl Shared {
-    pub fn new(users: usize) -> Shared {
-        Shared {
-            latency: Latency::new(64),
-            connected_per_user: (0..users).map(|_| AtomicU32::new(0)).collect(),
-            connected: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-            last_receipt_us: AtomicU64::new(0),
-            closes: Default::default(),
-        }
+impl Counters {
+    pub fn new() -> Counters {
+        Counters { latency: Latency::new(LATENCY_SHARDS), received: AtomicU64::new(0), last_receipt_us: AtomicU64::new(0), closes: Default::default() }
     }
 }
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters::new()
+    }
+}
+
+/// Latency shards per worker: enough that the few runtime threads rarely
+/// wait on one another.
+const LATENCY_SHARDS: usize = 64;
 
 pub type Ws = WebSocket<TokioIo<Upgraded>>;
 
@@ -77,8 +76,8 @@ pub async fn connect(source: Ipv4Addr, ws_url: &str, token: &str) -> anyhow::Res
 pub async fn read_events(
     mut ws: Ws,
     key: usize,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
+    counters: &Counters,
+    stop: &CancellationToken,
 ) -> Vec<u32> {
     let mut seqs = Vec::new();
     loop {
@@ -97,14 +96,14 @@ pub async fn read_events(
                 let now = contract::event::now_micros();
                 if let Some((seq, published)) = parse_event(&frame.payload) {
                     seqs.push(seq);
-                    shared.latency.record(key, now.saturating_sub(published));
-                    shared.received.fetch_add(1, Ordering::Relaxed);
-                    shared.last_receipt_us.fetch_max(now, Ordering::Relaxed);
+                    counters.latency.record(key, now.saturating_sub(published));
+                    counters.received.fetch_add(1, Ordering::Relaxed);
+                    counters.last_receipt_us.fetch_max(now, Ordering::Relaxed);
                 }
             }
             OpCode::Close => {
                 let code = frame.payload.get(..2).map_or(1005, |b| u16::from_be_bytes([b[0], b[1]]));
-                *shared.closes.lock().entry(code).or_default() += 1;
+                *counters.closes.lock().entry(code).or_default() += 1;
                 break;
             }
             _ => {}
@@ -113,7 +112,9 @@ pub async fn read_events(
     seqs
 }
 
-/// Reads `lt-<seq>` and the publish time (unix micros, in the post text).
+/// Reads the sequence number and the publish time (unix micros) from the
+/// post text `"<seq> <micros>"` ([`post_text`]); the rest of the event is
+/// skipped unread.
 fn parse_event(payload: &[u8]) -> Option<(u32, u64)> {
     #[derive(serde::Deserialize)]
     struct Data<'a> {
@@ -123,18 +124,22 @@ fn parse_event(payload: &[u8]) -> Option<(u32, u64)> {
     #[derive(serde::Deserialize)]
     struct Ev<'a> {
         #[serde(borrow)]
-        id: &'a str,
-        #[serde(borrow)]
         data: Data<'a>,
     }
     let ev: Ev = serde_json::from_slice(payload).ok()?;
-    let seq = ev.id.rsplit('-').next()?.parse().ok()?;
-    Some((seq, ev.data.post_text.parse().ok()?))
+    let (seq, micros) = ev.data.post_text.split_once(' ')?;
+    Some((seq.parse().ok()?, micros.parse().ok()?))
 }
 
-/// The event a run publishes for sequence number `seq`.
+/// The text of event `seq`: what a device needs for accounting and
+/// latency, in both modes (in e2e mode it is the text of a real post).
+pub fn post_text(seq: u32, published_us: u64) -> String {
+    format!("{seq} {published_us}")
+}
+
+/// The event a gateway-mode run publishes for sequence number `seq`.
 pub fn event_for(seq: u32, published_us: u64) -> contract::event::PostEvent {
-    contract::event::PostEvent::new(&format!("lt-{seq}"), &published_us.to_string(), "lt-author", published_us / 1000)
+    contract::event::PostEvent::new(&format!("lt-{seq}"), &post_text(seq, published_us), "lt-author", published_us / 1000)
 }
 
 struct SpawnExecutor;
@@ -159,5 +164,7 @@ mod tests {
         let bytes = serde_json::to_vec(&ev).unwrap();
         assert_eq!(parse_event(&bytes), Some((42, 1_700_000_000_123_456)));
         assert_eq!(parse_event(b"{}"), None);
+        let other = contract::event::PostEvent::new("p", "hello", "a", 1);
+        assert_eq!(parse_event(&serde_json::to_vec(&other).unwrap()), None);
     }
 }

@@ -1,18 +1,31 @@
-//! The load generator: many WebSocket devices against the gateways, events
-//! published straight to `feed.events` grouped by ring owner, and an
-//! honest account of what arrived.
+//! The load generator: many WebSocket devices against the gateways, held by
+//! several worker processes, events published straight to `feed.events`
+//! grouped by ring owner, and an honest account of what arrived.
 //!
 //! - [`cli`]: the command line.
+//! - [`discovery`]: the gateways, from the Redis membership or `--node`.
+//! - [`run`]: the coordinator: ramp up, hold, publish, drain, report.
+//! - [`pool`]: starts the worker processes and follows their reports.
+//! - [`wire`]: the JSON lines between coordinator and workers.
+//! - [`worker`]: a worker process: one slice of the devices.
 //! - [`client`]: one device: connect from a chosen source address, read events.
+//! - [`audience`]: who receives event `seq` (publisher and workers agree).
 //! - [`publisher`]: events at a target rate, one message per owner node.
 //! - [`accounting`]: latency histograms, loss and duplicate counting.
+//! - [`series`]: per-second connections, deliveries and latency.
+//! - [`metrics`]: the load generator's own Prometheus metrics.
 //! - [`report`]: the JSON report, the summary table, gateway RSS.
-//! - [`run`]: a whole run: ramp up, hold, publish, drain, report.
 
 pub mod accounting;
+pub mod audience;
 pub mod cli;
 pub mod client;
-pub mod nchan;
+pub mod discovery;
+pub mod metrics;
+pub mod pool;
 pub mod publisher;
 pub mod report;
 pub mod run;
+pub mod series;
+pub mod wire;
+pub mod worker;

@@ -12,28 +12,20 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => {
-                let json = args.json.clone();
-                let report = match loadtest::run::run(args).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        eprintln!("loadtest: {e:#}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                report.print_summary();
-                if let Some(path) = json {
-                    let text = serde_json::to_string_pretty(&report).expect("report serializes");
-                    if let Err(e) = std::fs::write(&path, text) {
-                        eprintln!("loadtest: cannot write {}: {e}", path.display());
-                        return ExitCode::FAILURE;
-                    }
+            Command::Worker => match loadtest::worker::run().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("loadtest worker: {e:#}");
+                    ExitCode::FAILURE
                 }
-                if report.messages.lost > 0 || report.connections.failed > 0 {
-                    return ExitCode::from(3);
+            },
+            Command::Run(args) => match loadtest::run::main(*args).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("loadtest: {e:#}");
+                    ExitCode::FAILURE
                 }
-                ExitCode::SUCCESS
-            }
+            },
         }
     })
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use contract::event::{self, HEADER_PUBLISHED_AT};
@@ -15,7 +15,9 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 
-use crate::client::{Shared, event_for};
+use crate::audience::Audience;
+use crate::client::event_for;
+use crate::series::Series;
 
 /// Publisher confirms awaited concurrently; beyond this the publisher
 /// waits, so a saturated broker slows the rate rather than eating memory.
@@ -27,7 +29,7 @@ pub struct Plan {
     pub users: Arc<Vec<String>>,
     pub ring: Ring,
     pub rate: f64,
-    pub fanout: u32,
+    pub audience: Audience,
     pub duration: Duration,
 }
 
@@ -40,7 +42,14 @@ pub struct Published {
     pub elapsed: Duration,
 }
 
-pub async fn run(amqp_url: &str, plan: &Plan, shared: &Shared) -> anyhow::Result<Published> {
+/// Publishes for `plan.duration`. `connected[u]` is the number of devices
+/// of user `u` connected now: what an event to `u` should reach.
+pub async fn run(
+    amqp_url: &str,
+    plan: &Plan,
+    connected: &[AtomicU32],
+    series: &parking_lot::Mutex<Series>,
+) -> anyhow::Result<Published> {
     let conn = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     topology::declare_exchanges(&ch).await?;
@@ -58,9 +67,6 @@ pub async fn run(amqp_url: &str, plan: &Plan, shared: &Shared) -> anyhow::Result
         nacked
     });
 
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ event::now_micros());
-    let n_users = plan.users.len();
-    let fanout = (plan.fanout as usize).min(n_users);
     let owner_of_user: Vec<usize> = plan
         .users
         .iter()
@@ -75,15 +81,14 @@ pub async fn run(amqp_url: &str, plan: &Plan, shared: &Shared) -> anyhow::Result
     let started = Instant::now();
     let started_us = event::now_micros();
     let mut tick = tokio::time::interval(TICK);
-    let mut picked: Vec<usize> = Vec::with_capacity(fanout);
+    let mut picked: Vec<usize> = Vec::new();
     while plan.rate > 0.0 && started.elapsed() < plan.duration {
         tick.tick().await;
         let due = (started.elapsed().as_secs_f64() * plan.rate) as usize;
         while expected.len() < due {
             let seq = expected.len() as u32;
-            pick_distinct(&mut rng, n_users, fanout, &mut picked);
-            let deliveries: u32 =
-                picked.iter().map(|&u| shared.connected_per_user[u].load(Ordering::Relaxed)).sum();
+            plan.audience.recipients(seq, &mut picked);
+            let deliveries: u32 = picked.iter().map(|&u| connected[u].load(Ordering::Relaxed)).sum();
             expected.push(deliveries);
             let published_us = event::now_micros();
             let ev = event_for(seq, published_us);
@@ -99,6 +104,8 @@ pub async fn run(amqp_url: &str, plan: &Plan, shared: &Shared) -> anyhow::Result
                 tx.send(confirm).await.ok();
                 messages += 1;
             }
+            // Labelled by the second it ends in, like the workers' ticks.
+            series.lock().add_published(published_us.div_ceil(1_000_000), 1);
         }
     }
     let elapsed = started.elapsed();
@@ -109,50 +116,4 @@ pub async fn run(amqp_url: &str, plan: &Plan, shared: &Shared) -> anyhow::Result
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(Published { expected, messages, started_us, elapsed })
-}
-
-/// Fills `out` with `k` distinct indexes below `n`.
-fn pick_distinct(rng: &mut XorShift, n: usize, k: usize, out: &mut Vec<usize>) {
-    // Evenly spaced positions, shifted and rotated at random: distinct by
-    // construction (i * step + offset < n) and cheap at any fanout.
-    out.clear();
-    if k == 0 {
-        return;
-    }
-    let step = n / k;
-    let offset = rng.below(step);
-    let rotate = rng.below(n);
-    out.extend((0..k).map(|i| (rotate + offset + i * step) % n));
-}
-
-/// A tiny, fast, seeded generator: the choice of recipients needs to be
-/// spread, not secret.
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn picks_are_distinct_and_in_range() {
-        let mut rng = XorShift(42);
-        let mut out = Vec::new();
-        for (n, k) in [(10, 10), (10, 3), (1000, 250), (5, 1)] {
-            pick_distinct(&mut rng, n, k, &mut out);
-            let mut sorted = out.clone();
-            sorted.sort();
-            sorted.dedup();
-            assert_eq!(sorted.len(), k);
-            assert!(out.iter().all(|&u| u < n));
-        }
-    }
 }

@@ -7,11 +7,15 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::accounting::Tally;
+use crate::series::Point;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub connections: Connections,
     pub connect_rate_per_s: f64,
+    pub ramp_up_s: f64,
+    /// Worker processes that held the devices.
+    pub workers: u32,
     pub messages: Tally,
     pub broker_messages_published: u64,
     pub events_published: u64,
@@ -20,6 +24,8 @@ pub struct Report {
     pub gateways: Vec<GatewayMemory>,
     /// Close codes the gateways sent to devices during the run.
     pub close_codes: BTreeMap<u16, u64>,
+    /// Per second since the run started.
+    pub series: Vec<Point>,
     pub params: serde_json::Value,
 }
 
@@ -87,7 +93,10 @@ impl Report {
         let c = &self.connections;
         let m = &self.messages;
         let l = &self.latency_ms;
-        println!("connections   target {}  established {}  failed {}  ({:.0}/s)", c.target, c.established, c.failed, self.connect_rate_per_s);
+        println!(
+            "connections   target {}  established {}  failed {}  ({:.0}/s over {:.1}s, {} workers)",
+            c.target, c.established, c.failed, self.connect_rate_per_s, self.ramp_up_s, self.workers
+        );
         println!("events        {} published as {} broker messages", self.events_published, self.broker_messages_published);
         println!(
             "deliveries    expected {}  received {}  lost {}  duplicates {}  unexpected {}",

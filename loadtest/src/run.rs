@@ -1,131 +1,140 @@
-//! A whole run: ramp up the devices, let them settle, measure gateway
-//! memory, publish at the target rate, wait for stragglers, account.
+//! A whole run, on the coordinator: find the gateways, start the workers,
+//! wait for ramp-up, read gateway memory, publish at the target rate, wait
+//! for stragglers, stop the workers, merge what they received, account.
+//!
+//! The coordinator holds no WebSocket: every device lives in a worker
+//! process ([`crate::worker`]), because one process may open only 20,000
+//! files. It alone publishes, so it alone knows what each event should
+//! reach.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use contract::ring::Ring;
-use contract::slot::slot_of;
-use contract::token::Tokens;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
-use crate::accounting::tally;
-use crate::cli::RunArgs;
-use crate::client::{self, Shared};
+use crate::accounting::{Receipts, merge_into, new_histogram, tally};
+use crate::audience::Audience;
+use crate::cli::{Mode, RunArgs};
+use crate::discovery;
+use crate::pool::Pool;
 use crate::publisher::{self, Plan};
 use crate::report::{Connections, GatewayMemory, LatencyMs, Report, scrape_gauge};
+use crate::wire::Job;
 
-/// Connection attempts in flight at once during ramp-up.
-const MAX_CONNECTING: usize = 512;
-/// A connection attempt that takes longer than this counts as failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Tokens outlive any run.
-const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Devices per worker when `--workers` is not given: one process may open
+/// 20,000 files, and a worker also needs a few for itself.
+const DEVICES_PER_WORKER: u64 = 15_000;
+/// A worker given more than this would run out of open files.
+const MAX_DEVICES_PER_WORKER: u64 = 19_000;
 /// Time after ramp-up before memory is read, so allocations settle.
-const SETTLE: Duration = Duration::from_secs(2);
+const MIN_SETTLE: Duration = Duration::from_secs(1);
+/// How often the coordinator looks whether the stragglers have arrived.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// The users of a run and who receives what.
+pub struct Population {
+    pub users: Vec<String>,
+    /// One per user, or empty: the workers mint them with the secret.
+    pub tokens: Vec<String>,
+    pub audience: Audience,
+}
+
+/// `loadtest run`: the run, its summary and its files. Exit code 3 when
+/// something was lost or a device could not connect.
+pub async fn main(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
+    let json = args.json.clone();
+    let report = run(args).await?;
+    report.print_summary();
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).expect("report serializes");
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if report.messages.lost > 0 || report.connections.failed > 0 {
+        return Ok(std::process::ExitCode::from(3));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
 
 pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
-    anyhow::ensure!(args.mode == "gateway", "only --mode gateway is implemented");
     anyhow::ensure!(args.users > 0 && args.devices > 0, "--users and --devices must be positive");
-    let ring = Ring::new(args.nodes.clone());
-    let users: Arc<Vec<String>> = Arc::new((0..args.users).map(|i| format!("{}-{i}", args.user_prefix)).collect());
-    let shared = Arc::new(Shared::new(users.len()));
-    let tokens = Tokens::new(args.jwt_secret.as_bytes());
-    let stop = CancellationToken::new();
+    anyhow::ensure!(args.rate >= 0.0 && args.rate.is_finite(), "--rate must be a number >= 0");
+    anyhow::ensure!(args.fanout > 0, "--fanout must be positive");
+    let target = u64::from(args.users) * u64::from(args.devices);
+    let workers = worker_count(args.workers, target, args.users)?;
+    let gateways = discovery::gateways(&args.nodes, &args.redis_url, &args.membership_key).await?;
+    let ring = Ring::new(gateways);
+    let population = match args.mode {
+        Mode::Gateway => {
+            let users = (0..args.users).map(|i| format!("{}-{i}", args.user_prefix)).collect();
+            let seed = contract::event::now_micros();
+            Population { users, tokens: Vec::new(), audience: Audience::spread(args.users, args.fanout, seed) }
+        }
+        Mode::E2e => anyhow::bail!("--mode e2e is not implemented yet"),
+    };
+    let secret = match (&args.jwt_secret, args.mode) {
+        (Some(s), _) => s.clone(),
+        (None, Mode::E2e) => String::new(),
+        (None, Mode::Gateway) => anyhow::bail!("--jwt-secret (or JWT_SECRET) is required to mint tokens in gateway mode"),
+    };
 
     let rss_before = scrape_all(&ring, "gateway_process_rss_bytes").await;
-
-    // Ramp-up.
-    let target = u64::from(args.users) * u64::from(args.devices);
-    let established = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let connecting = Arc::new(Semaphore::new(MAX_CONNECTING));
-    let (lo, hi) = (u32::from(args.source_ips.0), u32::from(args.source_ips.1));
-    let mut devices = Vec::with_capacity(target as usize);
+    let jobs = jobs(&args, &ring, &population, &secret, workers);
+    let start_unix_s = contract::event::now_micros() / 1_000_000;
     let ramp_start = Instant::now();
-    let progress = tokio::spawn(progress(shared.clone(), established.clone(), failed.clone(), target, stop.clone()));
-    for i in 0..target {
-        let due = ramp_start + Duration::from_secs_f64(i as f64 / f64::from(args.connect_rate.max(1)));
-        tokio::time::sleep_until(due.into()).await;
-        let permit = connecting.clone().acquire_owned().await?;
-        let user_idx = (i % u64::from(args.users)) as usize;
-        let user = users[user_idx].clone();
-        let url = ring.owner(slot_of(&user)).expect("ring has members").url.clone();
-        let source = Ipv4Addr::from(lo + (i % u64::from(hi - lo + 1)) as u32);
-        let token = tokens.issue(&user, TOKEN_TTL);
-        let (shared, stop, established, failed) = (shared.clone(), stop.clone(), established.clone(), failed.clone());
-        devices.push(tokio::spawn(async move {
-            let ws = tokio::time::timeout(CONNECT_TIMEOUT, client::connect(source, &url, &token)).await;
-            drop(permit);
-            let ws = match ws {
-                Ok(Ok(ws)) => ws,
-                Ok(Err(e)) => {
-                    tracing::debug!("connect failed: {e:#}");
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    return Vec::new();
-                }
-                Err(_) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    return Vec::new();
-                }
-            };
-            established.fetch_add(1, Ordering::Relaxed);
-            shared.connected_per_user[user_idx].fetch_add(1, Ordering::Relaxed);
-            shared.connected.fetch_add(1, Ordering::Relaxed);
-            let seqs = client::read_events(ws, i as usize, shared.clone(), stop).await;
-            shared.connected_per_user[user_idx].fetch_sub(1, Ordering::Relaxed);
-            shared.connected.fetch_sub(1, Ordering::Relaxed);
-            seqs
-        }));
-    }
-    while established.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < target {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pool = Pool::start(jobs, population.users.len()).await?;
+    pool.wait_ready().await?;
     let ramp = ramp_start.elapsed();
-    let est = established.load(Ordering::Relaxed);
-    eprintln!("ramp-up done: {est} of {target} connected in {:.1}s", ramp.as_secs_f64());
+    let live = pool.live.clone();
+    let established = live.established();
+    eprintln!("ramp-up: {established} of {target} devices connected in {:.1}s by {workers} workers", ramp.as_secs_f64());
 
-    tokio::time::sleep(SETTLE.max(Duration::from_secs(args.settle))).await;
+    tokio::time::sleep(MIN_SETTLE.max(Duration::from_secs(args.settle))).await;
+    pool.check()?;
     let rss_after = scrape_all(&ring, "gateway_process_rss_bytes").await;
     let conns_after = scrape_all(&ring, "gateway_connections").await;
 
     // Publish, then wait for stragglers.
     let plan = Plan {
-        users: users.clone(),
+        users: Arc::new(population.users.clone()),
         ring: ring.clone(),
         rate: args.rate,
-        fanout: args.fanout,
+        audience: population.audience,
         duration: Duration::from_secs(args.duration),
     };
     let published = if args.rate > 0.0 {
-        Some(publisher::run(&args.amqp_url, &plan, &shared).await?)
+        Some(publisher::run(&args.amqp_url, &plan, &live.connected_per_user, &live.series).await?)
     } else {
         tokio::time::sleep(plan.duration).await;
         None
     };
-    let expected_total: u64 = published.as_ref().map_or(0, |p| p.expected.iter().map(|&e| u64::from(e)).sum());
-    let drain_until = Instant::now() + Duration::from_secs(args.drain);
-    while shared.received.load(Ordering::Relaxed) < expected_total && Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    let _ = progress.await;
-    let mut per_device = Vec::with_capacity(devices.len());
-    for d in devices {
-        per_device.push(d.await.unwrap_or_default());
-    }
-
     let expected = published.as_ref().map(|p| p.expected.clone()).unwrap_or_default();
-    let messages = tally(&expected, per_device);
-    let latency = shared.latency.merged();
+    let expected_total: u64 = expected.iter().map(|&e| u64::from(e)).sum();
+    let drain_until = Instant::now() + Duration::from_secs(args.drain);
+    while live.received() < expected_total && Instant::now() < drain_until {
+        pool.check()?;
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let finished = pool.stop(expected.len() as u32).await?;
+
+    let mut receipts = Receipts::default();
+    let mut latency = new_histogram();
+    let mut close_codes = std::collections::BTreeMap::new();
+    let mut last_receipt_us = 0;
+    for f in &finished {
+        receipts.merge(&f.receipts);
+        merge_into(&mut latency, &f.latency);
+        for (code, n) in &f.close_codes {
+            *close_codes.entry(*code).or_insert(0) += n;
+        }
+        last_receipt_us = last_receipt_us.max(f.last_receipt_us);
+    }
+    let messages = tally(&expected, &receipts);
     let deliveries_per_s = match &published {
         Some(p) => {
-            let last = shared.last_receipt_us.load(Ordering::Relaxed);
-            let window = last.saturating_sub(p.started_us).max(1) as f64 / 1e6;
-            messages.received as f64 / window.max(p.elapsed.as_secs_f64())
+            let window = last_receipt_us.saturating_sub(p.started_us) as f64 / 1e6;
+            messages.received as f64 / window.max(p.elapsed.as_secs_f64()).max(1e-3)
         }
         None => 0.0,
     };
@@ -141,22 +150,79 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
             rss_per_connection_bytes: if conns > 0.0 { (after - before) / conns } else { 0.0 },
         })
         .collect();
+    let series = live.series.lock().points(start_unix_s);
     Ok(Report {
-        connections: Connections { target, established: est, failed: failed.load(Ordering::Relaxed) },
-        connect_rate_per_s: est as f64 / ramp.as_secs_f64().max(1e-3),
+        connections: Connections { target, established, failed: live.failed() },
+        connect_rate_per_s: established as f64 / ramp.as_secs_f64().max(1e-3),
+        ramp_up_s: ramp.as_secs_f64(),
+        workers,
         messages,
         broker_messages_published: published.as_ref().map_or(0, |p| p.messages),
         events_published: expected.len() as u64,
         deliveries_per_s,
         latency_ms: LatencyMs::from_micros(&latency),
         gateways,
-        close_codes: shared.closes.lock().clone(),
+        close_codes,
+        series,
         params: serde_json::json!({
             "users": args.users, "devices": args.devices, "rate": args.rate, "fanout": args.fanout,
-            "duration_s": args.duration, "nodes": args.nodes.iter().map(|m| &m.node_id).collect::<Vec<_>>(),
-            "source_ips": format!("{}-{}", args.source_ips.0, args.source_ips.1), "mode": args.mode,
+            "duration_s": args.duration, "workers": workers,
+            "nodes": ring.members().iter().map(|m| format!("{}={}", m.node_id, m.url)).collect::<Vec<_>>(),
+            "source_ips": format!("{}-{}", args.source_ips.0, args.source_ips.1),
+            "mode": format!("{:?}", args.mode).to_lowercase(),
         }),
     })
+}
+
+/// `--workers`, or one per [`DEVICES_PER_WORKER`] devices; never more
+/// workers than users, never more than [`MAX_DEVICES_PER_WORKER`] each.
+pub fn worker_count(requested: Option<u32>, devices: u64, users: u32) -> anyhow::Result<u32> {
+    let k = match requested {
+        Some(0) => anyhow::bail!("--workers must be at least 1"),
+        Some(k) => k.min(users),
+        None => (devices.div_ceil(DEVICES_PER_WORKER).max(1) as u32).min(users),
+    };
+    let per_worker = devices.div_ceil(u64::from(k));
+    anyhow::ensure!(
+        per_worker <= MAX_DEVICES_PER_WORKER,
+        "--workers {k} gives {per_worker} devices to a worker, over the {MAX_DEVICES_PER_WORKER} one process can hold (20,000 open files); use more workers"
+    );
+    Ok(k)
+}
+
+/// One job per worker: a contiguous slice of the users, and a slice of
+/// the source addresses (shared round-robin when there are fewer
+/// addresses than workers; ports are picked at connect time, so two
+/// workers on one address do not collide).
+fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, workers: u32) -> Vec<Job> {
+    let n = population.users.len();
+    let k = workers as usize;
+    let (lo, hi) = (u32::from(args.source_ips.0), u32::from(args.source_ips.1));
+    let ips = (hi - lo + 1) as usize;
+    (0..k)
+        .map(|w| {
+            let (from, to) = (w * n / k, (w + 1) * n / k);
+            let source_ips = if ips >= k {
+                let (a, b) = (w * ips / k, (w + 1) * ips / k - 1);
+                (Ipv4Addr::from(lo + a as u32), Ipv4Addr::from(lo + b as u32))
+            } else {
+                let ip = Ipv4Addr::from(lo + (w % ips) as u32);
+                (ip, ip)
+            };
+            Job {
+                worker: w,
+                first_user: from as u32,
+                users: population.users[from..to].to_vec(),
+                tokens: if population.tokens.is_empty() { Vec::new() } else { population.tokens[from..to].to_vec() },
+                jwt_secret: secret.to_owned(),
+                devices: args.devices,
+                members: ring.members().iter().map(|m| format!("{}={}", m.node_id, m.url)).collect(),
+                source_ips,
+                connect_rate: f64::from(args.connect_rate.max(1)) / k as f64,
+                audience: population.audience,
+            }
+        })
+        .collect()
 }
 
 /// One gauge from every node, in ring member order (0 when unreadable).
@@ -168,25 +234,19 @@ async fn scrape_all(ring: &Ring, name: &str) -> Vec<f64> {
     out
 }
 
-/// One line a second on stderr while the run goes.
-async fn progress(shared: Arc<Shared>, est: Arc<AtomicU64>, failed: Arc<AtomicU64>, target: u64, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        let received = shared.received.load(Ordering::Relaxed);
-        eprintln!(
-            "connected {}/{} (failed {}, open {})  received {} (+{}/s)",
-            est.load(Ordering::Relaxed),
-            target,
-            failed.load(Ordering::Relaxed),
-            shared.connected.load(Ordering::Relaxed),
-            received,
-            received - last
-        );
-        last = received;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_default_to_one_per_15000_devices() {
+        assert_eq!(worker_count(None, 1, 1).unwrap(), 1);
+        assert_eq!(worker_count(None, 15_000, 15_000).unwrap(), 1);
+        assert_eq!(worker_count(None, 15_001, 15_001).unwrap(), 2);
+        assert_eq!(worker_count(None, 100_000, 50_000).unwrap(), 7);
+        assert_eq!(worker_count(Some(4), 10, 2).unwrap(), 2, "never more workers than users");
+        assert!(worker_count(Some(0), 10, 10).is_err());
+        let e = worker_count(Some(1), 40_000, 40_000).unwrap_err().to_string();
+        assert!(e.contains("19000"), "{e}");
     }
 }

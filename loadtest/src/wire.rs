@@ -1,0 +1,81 @@
+//! The worker protocol: JSON lines over a worker's stdin and stdout.
+//!
+//! The coordinator starts each worker as `loadtest worker` (its own
+//! binary, `std::env::current_exe()`), writes one [`Job`] line to the
+//! worker's stdin and, when the run is over, one [`Command`] line. The
+//! worker writes [`Report`] lines to its stdout: a [`Report::Tick`] at
+//! every whole unix second, one [`Report::Ready`] once every device of its
+//! slice has been attempted, and one [`Report::Done`] after the stop. Its
+//! logs go to stderr. End of input (the coordinator is gone) stops it.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::accounting::Receipts;
+use crate::audience::Audience;
+
+/// Everything a worker needs to connect its slice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub worker: usize,
+    /// Global index of the first user of the slice.
+    pub first_user: u32,
+    /// The slice's user ids.
+    pub users: Vec<String>,
+    /// One token per user of the slice (e2e: from the backend's login);
+    /// empty: the worker mints them with `jwt_secret`.
+    pub tokens: Vec<String>,
+    pub jwt_secret: String,
+    pub devices: u32,
+    /// Gateway members as `node_id=ws://host:port`.
+    pub members: Vec<String>,
+    /// This worker's source addresses, first..=last.
+    pub source_ips: (Ipv4Addr, Ipv4Addr),
+    /// New connections per second for this worker.
+    pub connect_rate: f64,
+    pub audience: Audience,
+}
+
+/// Coordinator to worker, after the job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Close the devices and report; `events` were published (0..events).
+    Stop { events: u32 },
+}
+
+/// Worker to coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Report {
+    /// The worker's state at a whole unix second.
+    Tick {
+        unix_s: u64,
+        /// Devices connected now.
+        open: u64,
+        /// Connection attempts so far that succeeded / failed.
+        established: u64,
+        failed: u64,
+        /// Events received since the previous tick (all, duplicates too).
+        received: u64,
+        /// Latencies of those events (V2, base64).
+        latency: String,
+        /// Global user index of each device that ended since the previous
+        /// tick (after `Ready` only; before it, `Ready` has the counts).
+        closed: Vec<u32>,
+    },
+    /// Every device of the slice was attempted: the devices connected now
+    /// per user of the slice, and the attempts that succeeded and failed.
+    Ready { connected: Vec<u32>, established: u64, failed: u64 },
+    /// Final accounting after `Stop`.
+    Done {
+        receipts: Receipts,
+        /// All latencies of the run (V2, base64).
+        latency: String,
+        close_codes: BTreeMap<u16, u64>,
+        /// Unix micros of the worker's latest receipt (0: none).
+        last_receipt_us: u64,
+    },
+}

@@ -1,0 +1,255 @@
+//! A worker process: holds one slice of the devices, because one process
+//! may open only 20,000 files. It connects its users' devices to their ring
+//! owners from its own source addresses, reports every second, and at the
+//! end folds what each device received into [`Receipts`]. Protocol:
+//! [`crate::wire`].
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use contract::ring::{Member, Ring};
+use contract::slot::slot_of;
+use contract::token::Tokens;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::accounting::{Receipts, encode_histogram, merge_into, new_histogram};
+use crate::client::{self, Counters};
+use crate::wire::{Command, Job, Report};
+
+/// Connection attempts in flight at once during ramp-up.
+const MAX_CONNECTING: usize = 512;
+/// A connection attempt that takes longer than this counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Tokens outlive any run.
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Runs a worker on this process's stdin and stdout.
+pub async fn run() -> anyhow::Result<()> {
+    let mut input = BufReader::new(tokio::io::stdin()).lines();
+    let mut out = tokio::io::stdout();
+    let line = input.next_line().await?.context("no job on stdin (this subcommand is started by `loadtest run`)")?;
+    let job: Job = serde_json::from_str(&line).context("bad job line")?;
+    let slice = Slice::new(&job)?;
+
+    let state = Arc::new(State::new(job.users.len()));
+    let stop = CancellationToken::new();
+    let mut ramp = tokio::spawn(ramp(job.clone(), slice, state.clone(), stop.clone()));
+    let mut devices: Option<Vec<JoinHandle<Device>>> = None;
+    let mut total = new_histogram();
+    let mut ticks = second_ticks();
+    let events = loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                // Ticks fire just after a whole second: that is their label.
+                let tick = state.tick((contract::event::now_micros() + 500_000) / 1_000_000, &mut total);
+                send(&mut out, &tick).await?;
+            }
+            r = &mut ramp, if devices.is_none() => {
+                devices = Some(r?);
+                send(&mut out, &state.ready()).await?;
+            }
+            line = input.next_line() => {
+                let line = line?.context("the coordinator went away")?;
+                match serde_json::from_str(&line).context("bad command line")? {
+                    Command::Stop { events } => break events,
+                }
+            }
+        }
+    };
+
+    stop.cancel();
+    let devices = match devices {
+        Some(d) => d,
+        None => ramp.await?, // stopped during ramp-up
+    };
+    let mut receipts = Receipts::new(events);
+    for d in devices {
+        let d = d.await?;
+        receipts.add_device(d.user as usize, d.seqs, &job.audience);
+    }
+    // A last tick for the part of a second since the previous one, labelled
+    // by the second it ends in.
+    let tick = state.tick(contract::event::now_micros().div_ceil(1_000_000), &mut total);
+    send(&mut out, &tick).await?;
+    let close_codes = state.counters.closes.lock().clone();
+    let last_receipt_us = state.counters.last_receipt_us.load(Ordering::Relaxed);
+    send(&mut out, &Report::Done { receipts, latency: encode_histogram(&total), close_codes, last_receipt_us }).await
+}
+
+/// One device's outcome: its user (global index) and what it received.
+struct Device {
+    user: u32,
+    seqs: Vec<u32>,
+}
+
+/// Where this worker's devices go.
+struct Slice {
+    ring: Ring,
+    tokens: Vec<String>,
+}
+
+impl Slice {
+    fn new(job: &Job) -> anyhow::Result<Slice> {
+        let members: Vec<Member> =
+            job.members.iter().map(|m| m.parse()).collect::<Result<_, String>>().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(!members.is_empty(), "the job lists no gateway");
+        let tokens = if job.tokens.is_empty() {
+            let minter = Tokens::new(job.jwt_secret.as_bytes());
+            job.users.iter().map(|u| minter.issue(u, TOKEN_TTL)).collect()
+        } else {
+            anyhow::ensure!(job.tokens.len() == job.users.len(), "one token per user");
+            job.tokens.clone()
+        };
+        Ok(Slice { ring: Ring::new(members), tokens })
+    }
+}
+
+/// What the worker's devices share.
+struct State {
+    counters: Counters,
+    open: AtomicU64,
+    established: AtomicU64,
+    failed: AtomicU64,
+    per_user: Mutex<PerUser>,
+}
+
+/// Devices per user, and the users whose devices ended since the last
+/// tick. One lock for both, so a device that ends while `Ready` is being
+/// written is counted exactly once: in the snapshot or in `closed`.
+struct PerUser {
+    connected: Vec<u32>,
+    ready: bool,
+    closed: Vec<u32>,
+}
+
+impl State {
+    fn new(users: usize) -> State {
+        State {
+            counters: Counters::new(),
+            open: AtomicU64::new(0),
+            established: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            per_user: Mutex::new(PerUser { connected: vec![0; users], ready: false, closed: Vec::new() }),
+        }
+    }
+
+    fn opened(&self, local: usize) {
+        self.per_user.lock().connected[local] += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.established.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ended(&self, local: usize, global: u32) {
+        let mut p = self.per_user.lock();
+        p.connected[local] -= 1;
+        if p.ready {
+            p.closed.push(global);
+        }
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The per-user counts at the moment the worker declares itself ready.
+    fn ready(&self) -> Report {
+        let mut p = self.per_user.lock();
+        p.ready = true;
+        p.closed.clear();
+        Report::Ready {
+            connected: p.connected.clone(),
+            established: self.established.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The report of the second that ends at `unix_s`; adds its latencies
+    /// into `total`.
+    fn tick(&self, unix_s: u64, total: &mut Histogram<u64>) -> Report {
+        let latency = self.counters.latency.take();
+        merge_into(total, &latency);
+        Report::Tick {
+            unix_s,
+            open: self.open.load(Ordering::Relaxed),
+            established: self.established.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            received: self.counters.received.swap(0, Ordering::Relaxed),
+            latency: encode_histogram(&latency),
+            closed: std::mem::take(&mut self.per_user.lock().closed),
+        }
+    }
+}
+
+/// Connects every device of the slice at the job's rate; returns once each
+/// has connected or failed.
+async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken) -> Vec<JoinHandle<Device>> {
+    let slice = Arc::new(slice);
+    let n_users = job.users.len();
+    let target = n_users * job.devices as usize;
+    let connecting = Arc::new(Semaphore::new(MAX_CONNECTING));
+    let (lo, hi) = (u32::from(job.source_ips.0), u32::from(job.source_ips.1));
+    let started = Instant::now();
+    let mut devices = Vec::with_capacity(target);
+    for i in 0..target {
+        if stop.is_cancelled() {
+            break;
+        }
+        let due = started + Duration::from_secs_f64(i as f64 / job.connect_rate.max(1.0));
+        tokio::time::sleep_until(due.into()).await;
+        let permit = connecting.clone().acquire_owned().await.expect("semaphore is never closed");
+        // Devices of one user are spread over the ramp, not back to back.
+        let local = i % n_users;
+        let global = job.first_user + local as u32;
+        let url = slice.ring.owner(slot_of(&job.users[local])).expect("ring has members").url.clone();
+        let source = Ipv4Addr::from(lo + (i as u32 % (hi - lo + 1)));
+        let (slice, state, stop) = (slice.clone(), state.clone(), stop.clone());
+        devices.push(tokio::spawn(async move {
+            let ws = tokio::time::timeout(CONNECT_TIMEOUT, client::connect(source, &url, &slice.tokens[local])).await;
+            drop(permit);
+            let ws = match ws {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    tracing::debug!("connect failed: {e:#}");
+                    state.failed.fetch_add(1, Ordering::Relaxed);
+                    return Device { user: global, seqs: Vec::new() };
+                }
+                Err(_) => {
+                    tracing::debug!("connect timed out");
+                    state.failed.fetch_add(1, Ordering::Relaxed);
+                    return Device { user: global, seqs: Vec::new() };
+                }
+            };
+            state.opened(local);
+            let seqs = client::read_events(ws, i, &state.counters, &stop).await;
+            state.ended(local, global);
+            Device { user: global, seqs }
+        }));
+    }
+    let attempted = devices.len() as u64;
+    while state.established.load(Ordering::Relaxed) + state.failed.load(Ordering::Relaxed) < attempted {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    devices
+}
+
+/// Ticks at whole unix seconds, so that the ticks of all workers of a run
+/// fall into the same second and the coordinator can add them up.
+fn second_ticks() -> tokio::time::Interval {
+    let into_second = contract::event::now_micros() % 1_000_000;
+    let first = tokio::time::Instant::now() + Duration::from_micros(1_000_000 - into_second);
+    let mut t = tokio::time::interval_at(first, Duration::from_secs(1));
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    t
+}
+
+async fn send(out: &mut (impl AsyncWrite + Unpin), report: &Report) -> anyhow::Result<()> {
+    let mut line = serde_json::to_vec(report).expect("reports serialize");
+    line.push(b'\n');
+    out.write_all(&line).await?;
+    out.flush().await.context("the coordinator went away")
+}
