@@ -24,6 +24,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
+use crate::departed::Departed;
 use crate::frame;
 use crate::outbox::{Close, Queued};
 use crate::state::Gateway;
@@ -119,7 +120,7 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
                     changed = wanted.changed() => {
                         changed?;
                         let Some(ring) = wanted.borrow_and_update().clone() else { continue };
-                        bound = reconcile(gw, &ch, bound, ring).await?;
+                        bound = reconcile(gw, &conn, &ch, bound, ring).await?;
                         continue;
                     }
                     _ = gw.stop_consuming.cancelled() => {
@@ -135,10 +136,10 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
             Some(Err(e)) => return Err(e.into()),
             None => anyhow::bail!("consumer stream ended"),
         };
-        match dispatch(gw, &delivery) {
-            Some(republish) => {
-                if !republish.is_empty() {
-                    republish_once(gw, &pub_ch, &delivery, &republish).await?;
+        match dispatch(gw, &delivery, Source::Bound) {
+            Some(others) => {
+                if !others.is_empty() {
+                    republish(gw, &pub_ch, &delivery, &others, Source::Bound).await?;
                 }
                 let count = unacked.as_ref().map_or(0, |(_, n)| *n) + 1;
                 if count >= ACK_BATCH {
@@ -157,26 +158,43 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
 }
 
 /// Moves this node to `ring`, make before break. Returns the slots bound.
-async fn reconcile(gw: &Gateway, ch: &Channel, bound: BTreeSet<u16>, ring: Arc<Ring>) -> anyhow::Result<BTreeSet<u16>> {
+async fn reconcile(
+    gw: &Arc<Gateway>,
+    conn: &Connection,
+    ch: &Channel,
+    bound: BTreeSet<u16>,
+    ring: Arc<Ring>,
+) -> anyhow::Result<BTreeSet<u16>> {
     let node = gw.config.node_id();
     let old_ring = gw.ring();
     let owned: BTreeSet<u16> = ring.slots_of(node).into_iter().collect();
     let gained: BTreeSet<u16> = owned.difference(&bound).copied().collect();
     let lost: BTreeSet<u16> = bound.difference(&owned).copied().collect();
-    set_bindings(ch, node, &gained, true).await?;
+    // Every survivor takes over the queues of members that left: as it
+    // binds their slots it unbinds them there; what was routed only to
+    // them is drained and delivered later (see `departed`).
+    let mut departed = BTreeMap::new();
+    for gone in old_ring.members().iter().filter(|m| ring.index_of(&m.node_id).is_none() && m.node_id != node) {
+        departed.insert(old_ring.index_of(&gone.node_id), Departed::open(conn, &gone.node_id).await?);
+    }
+    let queue = node_queue(node);
+    let handovers = gained.iter().map(|&s| {
+        let from = departed.get(&old_ring.owner_index(s));
+        let (ch, queue) = (ch, queue.as_str());
+        async move {
+            bind(ch, queue, s).await?;
+            if let Some(d) = from {
+                d.unbind(s).await;
+            }
+            lapin::Result::Ok(())
+        }
+    });
+    futures_util::future::try_join_all(handovers).await?;
     adopt_ring(gw, ring.clone());
     let moved = close_moved(gw, &ring);
     set_bindings(ch, node, &lost, false).await?;
-    // Queues of members that left are deleted by every survivor; deleting
-    // a missing queue is a no-op, so this is idempotent.
-    for gone in old_ring.members().iter().filter(|m| ring.index_of(&m.node_id).is_none()) {
-        if gone.node_id != node {
-            let q = node_queue(&gone.node_id);
-            if let Err(e) = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await {
-                tracing::warn!(queue = q, "could not delete a departed node's queue: {e}");
-                anyhow::bail!("queue delete failed: {e}");
-            }
-        }
+    for d in departed.into_values() {
+        d.drain_later(gw.clone());
     }
     gw.metrics.rebalances.increment(1);
     tracing::info!(gained = gained.len(), lost = lost.len(), moved, members = ring.members().len(), "rebalanced");
@@ -208,6 +226,12 @@ pub fn close_moved(gw: &Gateway, ring: &Ring) -> usize {
     n
 }
 
+async fn bind(ch: &Channel, queue: &str, slot: u16) -> lapin::Result<()> {
+    let key = routing_key(slot);
+    ch.queue_bind(queue.into(), EXCHANGE.into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+}
+
 /// Binds (or unbinds) the node's queue to each slot. The calls are issued
 /// together and awaited together: one round trip each would take a second
 /// for 1024 slots. Both directions are idempotent.
@@ -235,9 +259,34 @@ async fn leave(ch: &Channel, queue: &str) {
     }
 }
 
+/// Where a message was consumed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// This node's own queue: the routing slot is one this node bound.
+    Bound,
+    /// A departed node's queue: nothing about its routing is ours.
+    Departed,
+}
+
+/// Most hops a message drained from a departed node's queue may have
+/// behind it and still be re-published: it may already be a re-publish
+/// (hop 1) that reached the dead node's queue before the new owner bound.
+const MAX_HOPS_DRAINED: u64 = 1;
+
+/// Marks a re-publish of a message drained from a departed node's queue,
+/// so its receivers skip devices that registered after it (gateway-only
+/// header; publishers never set it).
+const HEADER_DRAINED: &str = "x-drained";
+
+/// How far the publisher's clock (`x-published-at`) may lag this node's
+/// and a drained event still reach every device that could have missed it
+/// (NTP keeps hosts within a few milliseconds; on one host it is zero).
+/// Larger means more duplicates after a node death, never fewer events.
+const DRAINED_SKEW: Duration = Duration::from_millis(100);
+
 /// Hands one message to the sessions. Returns the recipients to re-publish
 /// (the publisher's ring view was stale), or `None` if it is unreadable.
-fn dispatch(gw: &Gateway, delivery: &Delivery) -> Option<Vec<String>> {
+pub(crate) fn dispatch(gw: &Gateway, delivery: &Delivery, source: Source) -> Option<Vec<String>> {
     let msg = match event::decode(&delivery.data) {
         Ok(m) => m,
         Err(e) => {
@@ -250,7 +299,22 @@ fn dispatch(gw: &Gateway, delivery: &Delivery) -> Option<Vec<String>> {
     let headers = delivery.properties.headers().as_ref();
     let published_at_us = header_u64(headers, HEADER_PUBLISHED_AT).unwrap_or_else(event::now_micros);
     let hops = header_u64(headers, HEADER_HOPS).unwrap_or(0);
-    let routing_slot = parse_routing_key(delivery.routing_key.as_str());
+    // A routing slot we bound counts as ours even if the ring moved it
+    // since; one of a departed node's queue does not.
+    let routing_slot = match source {
+        Source::Bound => parse_routing_key(delivery.routing_key.as_str()),
+        Source::Departed => None,
+    };
+    // A device registered more than a clock-skew margin after the event
+    // was published recovered it from the feed (or connected without
+    // `since`, so never expected it): a late copy from a departed queue
+    // would only be a duplicate.
+    let drained = source == Source::Departed || header_u64(headers, HEADER_DRAINED).is_some();
+    let cutoff_us = if drained { published_at_us.saturating_add(DRAINED_SKEW.as_micros() as u64) } else { u64::MAX };
+    let may_republish = match source {
+        Source::Bound => hops == 0,
+        Source::Departed => hops <= MAX_HOPS_DRAINED,
+    };
     let ring = gw.ring();
     let me = ring.index_of(gw.config.node_id());
     // Encoded once; every device gets the same bytes.
@@ -262,13 +326,13 @@ fn dispatch(gw: &Gateway, delivery: &Delivery) -> Option<Vec<String>> {
         if Some(slot) != routing_slot && ring.owner_index(slot) != me {
             // Not ours and not what the publisher routed on: its ring view
             // was stale. Re-publish once; never a second time (no loops).
-            if hops == 0 {
+            if may_republish {
                 republish.push(user.to_string());
                 continue;
             }
             gw.metrics.misrouted.increment(1);
         }
-        let d = gw.sessions.deliver(user, &item);
+        let d = gw.sessions.deliver_registered_before(user, &item, cutoff_us);
         if d.queued == 0 && d.dropped == 0 {
             offline += 1;
         }
@@ -281,9 +345,16 @@ fn dispatch(gw: &Gateway, delivery: &Delivery) -> Option<Vec<String>> {
     Some(republish)
 }
 
-/// Re-publishes recipients grouped by this node's ring, with `x-hops: 1`,
-/// and waits for the broker's confirms before the original is acked.
-async fn republish_once(gw: &Gateway, ch: &Channel, delivery: &Delivery, users: &[String]) -> anyhow::Result<()> {
+/// Re-publishes recipients grouped by this node's ring, with `x-hops` one
+/// more than the message had, and waits for the broker's confirms before
+/// the original is acked.
+pub(crate) async fn republish(
+    gw: &Gateway,
+    ch: &Channel,
+    delivery: &Delivery,
+    users: &[String],
+    source: Source,
+) -> anyhow::Result<()> {
     let msg = event::decode(&delivery.data)?;
     let ring = gw.ring();
     let mut groups: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
@@ -292,7 +363,11 @@ async fn republish_once(gw: &Gateway, ch: &Channel, delivery: &Delivery, users: 
         groups.entry(owner).or_default().push(u);
     }
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(HEADER_HOPS.into(), AMQPValue::LongLongInt(1));
+    let hops = header_u64(Some(&headers), HEADER_HOPS).unwrap_or(0);
+    headers.insert(HEADER_HOPS.into(), AMQPValue::LongLongInt(hops as i64 + 1));
+    if source == Source::Departed {
+        headers.insert(HEADER_DRAINED.into(), AMQPValue::LongLongInt(1));
+    }
     for recipients in groups.values() {
         let body = event::encode(recipients, &msg.event);
         topology::publish_group(ch, recipients, &body, headers.clone()).await?.await?;

@@ -11,6 +11,7 @@
 //! - [`sessions`]: user id to live devices (DashMap), delivery.
 //! - [`broker`]: RabbitMQ consumer, slot bindings, reconcile on ring
 //!   changes (make before break), one-hop re-publish of stale routing.
+//! - [`departed`]: survivors drain a dead node's queue, then delete it.
 //! - [`membership`]: Redis heartbeats and the live member list.
 //! - [`proxy`]: a non-owner relays a device to its owner node.
 //! - [`keepalive`]: pings, silent-peer and token-expiry sweeps.
@@ -20,6 +21,7 @@
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod departed;
 pub mod frame;
 pub mod http;
 pub mod keepalive;

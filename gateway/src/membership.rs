@@ -77,15 +77,20 @@ pub async fn run(gw: Arc<Gateway>) {
             }
         };
         gw.membership_ready.store(true, Ordering::Relaxed);
+        let timeout = HEARTBEAT_TIMEOUT.as_millis() as u64;
         for (id, v) in &fields {
             if let Ok(r) = serde_json::from_str::<Record>(v) {
+                // A field that is stale already (left behind until cleanup)
+                // is not let back in, so a dead node is dropped once.
+                if now.saturating_sub(r.heartbeat_ms) >= timeout && !seen.contains_key(id) {
+                    continue;
+                }
                 let e = seen.entry(id.clone()).or_insert((r.url.clone(), 0));
                 if r.heartbeat_ms >= e.1 {
                     *e = (r.url, r.heartbeat_ms);
                 }
             }
         }
-        let timeout = HEARTBEAT_TIMEOUT.as_millis() as u64;
         let stale: Vec<String> =
             seen.iter().filter(|(_, (_, hb))| now.saturating_sub(*hb) >= timeout).map(|(id, _)| id.clone()).collect();
         if !stale.is_empty() {

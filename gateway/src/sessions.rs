@@ -24,6 +24,9 @@ pub struct Device {
     pub missed_pings: AtomicU8,
     /// When the device's token expires (unix seconds).
     pub token_expires_at: u64,
+    /// When the device was registered (unix micros): events published
+    /// well before it were either replayed from the feed or not its own.
+    pub registered_at_us: u64,
 }
 
 /// What delivering one frame to one user did.
@@ -59,6 +62,7 @@ impl Sessions {
                 outbox: Outbox::new(self.send_queue),
                 missed_pings: AtomicU8::new(0),
                 token_expires_at,
+                registered_at_us: contract::event::now_micros(),
             })
         };
         let d = match self.users.entry(Arc::from(user)) {
@@ -102,11 +106,17 @@ impl Sessions {
 
     /// Queues a frame on every device of `user`.
     pub fn deliver(&self, user: &str, item: &Queued) -> Delivery {
+        self.deliver_registered_before(user, item, u64::MAX)
+    }
+
+    /// Queues `item` on the user's devices registered before `cutoff_us`
+    /// (unix micros); later ones already have it or never expected it.
+    pub fn deliver_registered_before(&self, user: &str, item: &Queued, cutoff_us: u64) -> Delivery {
         let mut out = Delivery::default();
         let Some(devices) = self.users.get(user) else {
             return out;
         };
-        for d in devices.iter() {
+        for d in devices.iter().filter(|d| d.registered_at_us < cutoff_us) {
             match d.outbox.push(item.clone()) {
                 Push::Queued => out.queued += 1,
                 Push::Overflow(n) => {

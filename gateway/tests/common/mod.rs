@@ -363,6 +363,8 @@ pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
 pub struct DeviceLog {
     pub ids: std::collections::BTreeSet<String>,
     pub moved: u32,
+    /// Events received more than once (recovery and live overlapping).
+    pub duplicates: Vec<String>,
     pub reconnects: u32,
 }
 
@@ -392,7 +394,9 @@ pub async fn smart_device(entry: String, user: String, stop: tokio_util::sync::C
             match msg {
                 Some(Ok(Message::Text(t))) => {
                     let ev: PostEvent = serde_json::from_str(&t).unwrap();
-                    log.ids.insert(ev.id);
+                    if !log.ids.insert(ev.id.clone()) {
+                        log.duplicates.push(ev.id);
+                    }
                 }
                 Some(Ok(Message::Close(Some(c)))) if u16::from(c.code) == 4001 => {
                     url = c.reason.to_string();
