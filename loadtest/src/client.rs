@@ -21,6 +21,9 @@ pub struct Counters {
     pub latency: Latency,
     /// Events received since the last tick (duplicates too).
     pub received: AtomicU64,
+    /// Events of other runs (another load generator on the same broker
+    /// with the same user ids): ignored, only counted.
+    pub foreign: AtomicU64,
     /// Unix micros of the latest receipt.
     pub last_receipt_us: AtomicU64,
     /// Close codes the gateways sent, for the report.
@@ -29,7 +32,7 @@ pub struct Counters {
 
 impl Counters {
     pub fn new() -> Counters {
-        Counters { latency: Latency::new(LATENCY_SHARDS), received: AtomicU64::new(0), last_receipt_us: AtomicU64::new(0), closes: Default::default() }
+        Counters { latency: Latency::new(LATENCY_SHARDS), received: AtomicU64::new(0), foreign: AtomicU64::new(0), last_receipt_us: AtomicU64::new(0), closes: Default::default() }
     }
 }
 
@@ -76,6 +79,7 @@ pub async fn connect(source: Ipv4Addr, ws_url: &str, token: &str) -> anyhow::Res
 pub async fn read_events(
     mut ws: Ws,
     key: usize,
+    run: u64,
     counters: &Counters,
     stop: &CancellationToken,
 ) -> Vec<u32> {
@@ -94,11 +98,16 @@ pub async fn read_events(
         match frame.opcode {
             OpCode::Text => {
                 let now = contract::event::now_micros();
-                if let Some((seq, published)) = parse_event(&frame.payload) {
-                    seqs.push(seq);
-                    counters.latency.record(key, now.saturating_sub(published));
-                    counters.received.fetch_add(1, Ordering::Relaxed);
-                    counters.last_receipt_us.fetch_max(now, Ordering::Relaxed);
+                match parse_event(&frame.payload) {
+                    Some((r, seq, published)) if r == run => {
+                        seqs.push(seq);
+                        counters.latency.record(key, now.saturating_sub(published));
+                        counters.received.fetch_add(1, Ordering::Relaxed);
+                        counters.last_receipt_us.fetch_max(now, Ordering::Relaxed);
+                    }
+                    _ => {
+                        counters.foreign.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             OpCode::Close => {
@@ -112,10 +121,10 @@ pub async fn read_events(
     seqs
 }
 
-/// Reads the sequence number and the publish time (unix micros) from the
-/// post text `"<seq> <micros>"` ([`post_text`]); the rest of the event is
-/// skipped unread.
-fn parse_event(payload: &[u8]) -> Option<(u32, u64)> {
+/// Reads the run, the sequence number and the publish time (unix micros)
+/// from the post text ([`post_text`]); the rest of the event is skipped
+/// unread.
+fn parse_event(payload: &[u8]) -> Option<(u64, u32, u64)> {
     #[derive(serde::Deserialize)]
     struct Data<'a> {
         #[serde(rename = "postText", borrow)]
@@ -127,19 +136,28 @@ fn parse_event(payload: &[u8]) -> Option<(u32, u64)> {
         data: Data<'a>,
     }
     let ev: Ev = serde_json::from_slice(payload).ok()?;
-    let (seq, micros) = ev.data.post_text.split_once(' ')?;
-    Some((seq.parse().ok()?, micros.parse().ok()?))
+    let mut parts = ev.data.post_text.split(' ');
+    let run = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    Some((run, seq, parts.next()?.parse().ok()?))
 }
 
-/// The text of event `seq`: what a device needs for accounting and
-/// latency, in both modes (in e2e mode it is the text of a real post).
-pub fn post_text(seq: u32, published_us: u64) -> String {
-    format!("{seq} {published_us}")
+/// The text of event `seq` of run `run`: `"<run hex> <seq> <micros>"`,
+/// what a device needs for accounting and latency (in e2e mode, the text
+/// of a real post). The run id keeps runs that share a broker apart.
+pub fn post_text(run: u64, seq: u32, published_us: u64) -> String {
+    format!("{run:x} {seq} {published_us}")
+}
+
+/// Event `seq` of run 0 (for callers that need no run id).
+pub fn event_for(seq: u32, published_us: u64) -> contract::event::PostEvent {
+    run_event(0, seq, published_us)
 }
 
 /// The event a gateway-mode run publishes for sequence number `seq`.
-pub fn event_for(seq: u32, published_us: u64) -> contract::event::PostEvent {
-    contract::event::PostEvent::new(&format!("lt-{seq}"), &post_text(seq, published_us), "lt-author", published_us / 1000)
+pub fn run_event(run: u64, seq: u32, published_us: u64) -> contract::event::PostEvent {
+    let text = post_text(run, seq, published_us);
+    contract::event::PostEvent::new(&format!("lt-{run:x}-{seq}"), &text, "lt-author", published_us / 1000)
 }
 
 struct SpawnExecutor;
@@ -160,9 +178,9 @@ mod tests {
 
     #[test]
     fn events_round_trip_through_the_wire_format() {
-        let ev = event_for(42, 1_700_000_000_123_456);
+        let ev = run_event(0xabc, 42, 1_700_000_000_123_456);
         let bytes = serde_json::to_vec(&ev).unwrap();
-        assert_eq!(parse_event(&bytes), Some((42, 1_700_000_000_123_456)));
+        assert_eq!(parse_event(&bytes), Some((0xabc, 42, 1_700_000_000_123_456)));
         assert_eq!(parse_event(b"{}"), None);
         let other = contract::event::PostEvent::new("p", "hello", "a", 1);
         assert_eq!(parse_event(&serde_json::to_vec(&other).unwrap()), None);

@@ -13,16 +13,20 @@
 //! - [`publisher`]: events at a target rate, one message per owner node.
 //! - [`accounting`]: latency histograms, loss and duplicate counting.
 //! - [`series`]: per-second connections, deliveries and latency.
+//! - [`charts`]: SVG charts of the series.
 //! - [`metrics`]: the load generator's own Prometheus metrics.
+//! - [`progress`]: progress bars for ramp-up and the run.
 //! - [`report`]: the JSON report, the summary table, gateway RSS.
 
 pub mod accounting;
 pub mod audience;
+pub mod charts;
 pub mod cli;
 pub mod client;
 pub mod discovery;
 pub mod metrics;
 pub mod pool;
+pub mod progress;
 pub mod publisher;
 pub mod report;
 pub mod run;

@@ -63,6 +63,7 @@ pub struct Finished {
     pub latency: Histogram<u64>,
     pub close_codes: std::collections::BTreeMap<u16, u64>,
     pub last_receipt_us: u64,
+    pub foreign: u64,
 }
 
 pub struct Pool {
@@ -199,9 +200,9 @@ async fn read_reports(worker: usize, first_user: usize, stdout: ChildStdout, liv
                 live.ready.fetch_add(1, Ordering::Relaxed);
                 live.changed.notify_waiters();
             }
-            Report::Done { receipts, latency, close_codes, last_receipt_us } => {
+            Report::Done { receipts, latency, close_codes, last_receipt_us, foreign } => {
                 let latency = decode_histogram(&latency)?;
-                return Ok(Finished { receipts, latency, close_codes, last_receipt_us });
+                return Ok(Finished { receipts, latency, close_codes, last_receipt_us, foreign });
             }
         }
     }

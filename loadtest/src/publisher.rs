@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 
 use crate::audience::Audience;
-use crate::client::event_for;
+use crate::client::run_event;
 use crate::series::Series;
 
 /// Publisher confirms awaited concurrently; beyond this the publisher
@@ -31,6 +31,8 @@ pub struct Plan {
     pub rate: f64,
     pub audience: Audience,
     pub duration: Duration,
+    /// Tags every event, so devices ignore other runs' events.
+    pub run: u64,
 }
 
 /// What the publisher did.
@@ -91,7 +93,7 @@ pub async fn run(
             let deliveries: u32 = picked.iter().map(|&u| connected[u].load(Ordering::Relaxed)).sum();
             expected.push(deliveries);
             let published_us = event::now_micros();
-            let ev = event_for(seq, published_us);
+            let ev = run_event(plan.run, seq, published_us);
             let mut groups: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
             for &u in &picked {
                 groups.entry(owner_of_user[u]).or_default().push(&plan.users[u]);

@@ -24,6 +24,9 @@ pub struct Report {
     pub gateways: Vec<GatewayMemory>,
     /// Close codes the gateways sent to devices during the run.
     pub close_codes: BTreeMap<u16, u64>,
+    /// Frames that were not events of this run (another load generator on
+    /// the same broker, same user ids); ignored by the accounting.
+    pub foreign_frames: u64,
     /// Per second since the run started.
     pub series: Vec<Point>,
     pub params: serde_json::Value,
@@ -113,6 +116,9 @@ impl Report {
                 g.rss_after_bytes as f64 / 1048576.0,
                 g.rss_per_connection_bytes
             );
+        }
+        if self.foreign_frames > 0 {
+            println!("ignored       {} frames of other runs (same user ids on the same broker)", self.foreign_frames);
         }
         if !self.close_codes.is_empty() {
             println!("close codes   {:?}", self.close_codes);

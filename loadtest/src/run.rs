@@ -16,9 +16,12 @@ use contract::ring::Ring;
 
 use crate::accounting::{Receipts, merge_into, new_histogram, tally};
 use crate::audience::Audience;
+use crate::charts;
 use crate::cli::{Mode, RunArgs};
 use crate::discovery;
+use crate::metrics;
 use crate::pool::Pool;
+use crate::progress::Bars;
 use crate::publisher::{self, Plan};
 use crate::report::{Connections, GatewayMemory, LatencyMs, Report, scrape_gauge};
 use crate::wire::Job;
@@ -45,11 +48,22 @@ pub struct Population {
 /// something was lost or a device could not connect.
 pub async fn main(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
     let json = args.json.clone();
+    // Charts go next to the JSON report unless told otherwise.
+    let charts_dir = args.charts.clone().or_else(|| {
+        let dir = json.as_ref()?.parent()?;
+        Some(if dir.as_os_str().is_empty() { std::path::PathBuf::from(".") } else { dir.to_path_buf() })
+    });
     let report = run(args).await?;
     report.print_summary();
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).expect("report serializes");
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("report        {}", path.display());
+    }
+    if let Some(dir) = charts_dir {
+        let files = charts::write(&dir, &report.series)?;
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        println!("charts        {}", names.join("  "));
     }
     if report.messages.lost > 0 || report.connections.failed > 0 {
         return Ok(std::process::ExitCode::from(3));
@@ -79,16 +93,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         (None, Mode::Gateway) => anyhow::bail!("--jwt-secret (or JWT_SECRET) is required to mint tokens in gateway mode"),
     };
 
+    if let Some(listen) = args.metrics_listen.0 {
+        metrics::serve(listen)?;
+    }
+    let bars = Bars::new(args.quiet);
+
+    let run_id = contract::event::now_micros() ^ u64::from(std::process::id()) << 40;
     let rss_before = scrape_all(&ring, "gateway_process_rss_bytes").await;
-    let jobs = jobs(&args, &ring, &population, &secret, workers);
+    let jobs = jobs(&args, &ring, &population, &secret, workers, run_id);
     let start_unix_s = contract::event::now_micros() / 1_000_000;
     let ramp_start = Instant::now();
     let pool = Pool::start(jobs, population.users.len()).await?;
-    pool.wait_ready().await?;
-    let ramp = ramp_start.elapsed();
     let live = pool.live.clone();
+    let bar = bars.ramp(target, live.clone());
+    let ready = pool.wait_ready().await;
+    bar.finish();
+    ready?;
+    let ramp = ramp_start.elapsed();
     let established = live.established();
-    eprintln!("ramp-up: {established} of {target} devices connected in {:.1}s by {workers} workers", ramp.as_secs_f64());
+    if !args.quiet {
+        eprintln!("ramp-up: {established} of {target} devices connected in {:.1}s by {workers} workers", ramp.as_secs_f64());
+    }
 
     tokio::time::sleep(MIN_SETTLE.max(Duration::from_secs(args.settle))).await;
     pool.check()?;
@@ -102,13 +127,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         rate: args.rate,
         audience: population.audience,
         duration: Duration::from_secs(args.duration),
+        run: run_id,
     };
+    let bar = bars.run(args.duration, live.clone());
     let published = if args.rate > 0.0 {
-        Some(publisher::run(&args.amqp_url, &plan, &live.connected_per_user, &live.series).await?)
+        publisher::run(&args.amqp_url, &plan, &live.connected_per_user, &live.series).await.map(Some)
     } else {
         tokio::time::sleep(plan.duration).await;
-        None
+        Ok(None)
     };
+    bar.finish();
+    let published = published?;
     let expected = published.as_ref().map(|p| p.expected.clone()).unwrap_or_default();
     let expected_total: u64 = expected.iter().map(|&e| u64::from(e)).sum();
     let drain_until = Instant::now() + Duration::from_secs(args.drain);
@@ -122,7 +151,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let mut latency = new_histogram();
     let mut close_codes = std::collections::BTreeMap::new();
     let mut last_receipt_us = 0;
+    let mut foreign = 0;
     for f in &finished {
+        foreign += f.foreign;
         receipts.merge(&f.receipts);
         merge_into(&mut latency, &f.latency);
         for (code, n) in &f.close_codes {
@@ -163,6 +194,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         latency_ms: LatencyMs::from_micros(&latency),
         gateways,
         close_codes,
+        foreign_frames: foreign,
         series,
         params: serde_json::json!({
             "users": args.users, "devices": args.devices, "rate": args.rate, "fanout": args.fanout,
@@ -194,7 +226,7 @@ pub fn worker_count(requested: Option<u32>, devices: u64, users: u32) -> anyhow:
 /// the source addresses (shared round-robin when there are fewer
 /// addresses than workers; ports are picked at connect time, so two
 /// workers on one address do not collide).
-fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, workers: u32) -> Vec<Job> {
+fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, workers: u32, run: u64) -> Vec<Job> {
     let n = population.users.len();
     let k = workers as usize;
     let (lo, hi) = (u32::from(args.source_ips.0), u32::from(args.source_ips.1));
@@ -211,6 +243,7 @@ fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, work
             };
             Job {
                 worker: w,
+                run,
                 first_user: from as u32,
                 users: population.users[from..to].to_vec(),
                 tokens: if population.tokens.is_empty() { Vec::new() } else { population.tokens[from..to].to_vec() },

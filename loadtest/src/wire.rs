@@ -20,6 +20,8 @@ use crate::audience::Audience;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub worker: usize,
+    /// The run's id: events of other runs are ignored.
+    pub run: u64,
     /// Global index of the first user of the slice.
     pub first_user: u32,
     /// The slice's user ids.
@@ -77,5 +79,7 @@ pub enum Report {
         close_codes: BTreeMap<u16, u64>,
         /// Unix micros of the worker's latest receipt (0: none).
         last_receipt_us: u64,
+        /// Frames that were not this run's events (ignored).
+        foreign: u64,
     },
 }

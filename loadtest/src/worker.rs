@@ -81,7 +81,9 @@ pub async fn run() -> anyhow::Result<()> {
     send(&mut out, &tick).await?;
     let close_codes = state.counters.closes.lock().clone();
     let last_receipt_us = state.counters.last_receipt_us.load(Ordering::Relaxed);
-    send(&mut out, &Report::Done { receipts, latency: encode_histogram(&total), close_codes, last_receipt_us }).await
+    let foreign = state.counters.foreign.load(Ordering::Relaxed);
+    let latency = encode_histogram(&total);
+    send(&mut out, &Report::Done { receipts, latency, close_codes, last_receipt_us, foreign }).await
 }
 
 /// One device's outcome: its user (global index) and what it received.
@@ -225,7 +227,7 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
                 }
             };
             state.opened(local);
-            let seqs = client::read_events(ws, i, &state.counters, &stop).await;
+            let seqs = client::read_events(ws, i, job.run, &state.counters, &stop).await;
             state.ended(local, global);
             Device { user: global, seqs }
         }));
