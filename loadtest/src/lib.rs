@@ -25,6 +25,7 @@ pub mod cli;
 pub mod client;
 pub mod discovery;
 pub mod metrics;
+pub mod nchan;
 pub mod pool;
 pub mod progress;
 pub mod publisher;
