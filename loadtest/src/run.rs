@@ -57,6 +57,9 @@ pub async fn main(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
     report.print_summary();
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).expect("report serializes");
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         println!("report        {}", path.display());
     }
