@@ -116,7 +116,7 @@ async fn ten_thousand_followers_are_three_messages_for_three_nodes() {
         let mut redis = redis_conn().await;
         let mut pipe = redis::pipe();
         for m in &members {
-            let rec = serde_json::to_string(&Record { url: m.url.clone(), heartbeat_ms: now_ms() }).unwrap();
+            let rec = serde_json::to_string(&Record::alive(&m.url, now_ms())).unwrap();
             pipe.hset(&key, &m.node_id, rec).ignore();
         }
         let _: () = pipe.query_async(&mut redis).await.unwrap();

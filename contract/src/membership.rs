@@ -4,6 +4,10 @@
 //! `{"url": "ws://host:port", "heartbeat_ms": <unix ms>}`. A node rewrites
 //! its field every [`HEARTBEAT_INTERVAL`]; a field whose heartbeat is older
 //! than [`HEARTBEAT_TIMEOUT`] is not a member (and survivors delete it).
+//! A node that stops cleanly writes `"left": true` (a tombstone) rather
+//! than deleting its field: everyone then drops it at once, in the same
+//! order as a dead node (gateways first, publishers [`PUBLISHER_GRACE`]
+//! later), where a vanished field could not be told from a Redis restart.
 //! Every process reads the whole hash with one `HGETALL` and builds the
 //! ring with [`crate::ring::Ring::new`].
 
@@ -34,6 +38,28 @@ pub const FIELD_CLEANUP_AGE: Duration = Duration::from_secs(7);
 pub struct Record {
     pub url: String,
     pub heartbeat_ms: u64,
+    /// Written once by a node that stops cleanly.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub left: bool,
+}
+
+impl Record {
+    /// The heartbeat of a live node.
+    pub fn alive(url: &str, now_ms: u64) -> Record {
+        Record { url: url.into(), heartbeat_ms: now_ms, left: false }
+    }
+
+    /// The tombstone of a node that stops cleanly now.
+    pub fn leaving(url: &str, now_ms: u64) -> Record {
+        Record { url: url.into(), heartbeat_ms: now_ms, left: true }
+    }
+
+    /// The heartbeat staleness is judged by. A node that left counts as
+    /// one whose heartbeat went stale the moment it left: gateways drop it
+    /// at once, publishers [`PUBLISHER_GRACE`] later, cleanup after that.
+    pub fn effective_heartbeat_ms(&self) -> u64 {
+        if self.left { self.heartbeat_ms.saturating_sub(HEARTBEAT_TIMEOUT.as_millis() as u64) } else { self.heartbeat_ms }
+    }
 }
 
 /// The live members of a `HGETALL` answer, sorted by node id. Unreadable
@@ -43,7 +69,7 @@ pub fn live_members(fields: &HashMap<String, String>, now_ms: u64, timeout: Dura
         .iter()
         .filter_map(|(id, v)| {
             let r: Record = serde_json::from_str(v).ok()?;
-            (now_ms.saturating_sub(r.heartbeat_ms) < timeout.as_millis() as u64)
+            (now_ms.saturating_sub(r.effective_heartbeat_ms()) < timeout.as_millis() as u64)
                 .then(|| Member { node_id: id.clone(), url: r.url })
         })
         .collect();
@@ -74,7 +100,7 @@ mod tests {
 
     #[test]
     fn only_fresh_readable_fields_are_members() {
-        let rec = |url: &str, hb: u64| serde_json::to_string(&Record { url: url.into(), heartbeat_ms: hb }).unwrap();
+        let rec = |url: &str, hb: u64| serde_json::to_string(&Record::alive(url, hb)).unwrap();
         let fields: HashMap<String, String> = [
             ("b".to_string(), rec("ws://b", 10_000)),
             ("a".to_string(), rec("ws://a", 9_000)),
@@ -88,5 +114,20 @@ mod tests {
         let mut stale = stale_fields(&fields, 12_000, Duration::from_secs(5));
         stale.sort();
         assert_eq!(stale, ["junk", "old"]);
+    }
+
+    #[test]
+    fn a_node_that_left_is_dropped_by_gateways_now_and_by_publishers_after_the_grace() {
+        let left = serde_json::to_string(&Record::leaving("ws://l", 10_000)).unwrap();
+        assert!(left.contains(r#""left":true"#));
+        let alive = serde_json::to_string(&Record::alive("ws://a", 10_000)).unwrap();
+        assert!(!alive.contains("left"), "live records keep the SPEC shape: {alive}");
+        let fields: HashMap<String, String> = [("l".to_string(), left), ("a".to_string(), alive)].into();
+        let ids = |t: u64, timeout: Duration| {
+            live_members(&fields, t, timeout).into_iter().map(|m| m.node_id).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(10_000, HEARTBEAT_TIMEOUT), ["a"]);
+        assert_eq!(ids(10_500, HEARTBEAT_TIMEOUT + PUBLISHER_GRACE), ["a", "l"]);
+        assert_eq!(ids(11_000, HEARTBEAT_TIMEOUT + PUBLISHER_GRACE), ["a"]);
     }
 }

@@ -40,7 +40,8 @@ pub async fn run(gw: Arc<Gateway>) {
         }
     };
     let me = gw.config.node_id().to_owned();
-    let record = |hb| serde_json::to_string(&Record { url: gw.config.advertise_url().to_owned(), heartbeat_ms: hb }).expect("record");
+    let record = |r: Record| serde_json::to_string(&r).expect("record");
+    let url = gw.config.advertise_url().to_owned();
     let key = gw.config.membership_key.clone();
     let mut conn: Option<MultiplexedConnection> = None;
     // node id -> (url, last heartbeat seen, unix ms)
@@ -60,7 +61,7 @@ pub async fn run(gw: Arc<Gateway>) {
             let c = conn.as_mut().expect("connected");
             let mut pipe = redis::pipe();
             if gw.joined.load(Ordering::Relaxed) {
-                pipe.cmd("HSET").arg(&key).arg(&me).arg(record(now)).ignore();
+                pipe.cmd("HSET").arg(&key).arg(&me).arg(record(Record::alive(&url, now))).ignore();
             }
             let (fields,): (HashMap<String, String>,) = pipe.cmd("HGETALL").arg(&key).query_async(c).await?;
             Ok::<_, redis::RedisError>(fields)
@@ -80,6 +81,12 @@ pub async fn run(gw: Arc<Gateway>) {
         let timeout = HEARTBEAT_TIMEOUT.as_millis() as u64;
         for (id, v) in &fields {
             if let Ok(r) = serde_json::from_str::<Record>(v) {
+                if r.left {
+                    if seen.remove(id).is_some() {
+                        tracing::info!(node = id, "member left");
+                    }
+                    continue;
+                }
                 // A field that is stale already (left behind until cleanup)
                 // is not let back in, so a dead node is dropped once.
                 if now.saturating_sub(r.heartbeat_ms) >= timeout && !seen.contains_key(id) {
@@ -103,7 +110,7 @@ pub async fn run(gw: Arc<Gateway>) {
         // that publishers have stopped routing to as well.
         let cleanup: Vec<&String> = fields
             .iter()
-            .filter(|(_, v)| serde_json::from_str::<Record>(v).map_or(true, |r| now.saturating_sub(r.heartbeat_ms) >= FIELD_CLEANUP_AGE.as_millis() as u64))
+            .filter(|(_, v)| serde_json::from_str::<Record>(v).map_or(true, |r| now.saturating_sub(r.effective_heartbeat_ms()) >= FIELD_CLEANUP_AGE.as_millis() as u64))
             .map(|(k, _)| k)
             .collect();
         if !cleanup.is_empty()
@@ -125,7 +132,8 @@ pub async fn run(gw: Arc<Gateway>) {
     }
     // Leave at once: the others rebalance on their next beat.
     if let Some(c) = conn.as_mut() {
-        let left: Result<(), _> = redis::cmd("HDEL").arg(&key).arg(&me).query_async(c).await;
+        let tombstone = record(Record::leaving(&url, now_ms()));
+        let left: Result<(), _> = redis::cmd("HSET").arg(&key).arg(&me).arg(tombstone).query_async(c).await;
         if let Err(e) = left {
             tracing::warn!("could not leave the ring: {e}");
         }
