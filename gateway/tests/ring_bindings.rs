@@ -1,7 +1,8 @@
 //! Three nodes: every slot bound exactly once by its owner; any entry node works.
-//! (Each multi-node test has a binary of its own: clusters bind every slot
-//! of the one exchange, so concurrent clusters would see each other's
-//! messages, which a single deployment never does.)
+//! (Each multi-node test has a binary of its own: a test process has one
+//! RabbitMQ vhost, `common::vhost`, and clusters in it bind every slot of
+//! its one exchange, so concurrent clusters would see each other's messages,
+//! which a single deployment never does.)
 
 mod common;
 

@@ -29,7 +29,7 @@ async fn spawn_node(key: &str) -> Proc {
         .args(["--listen", &addr.to_string(), "--node-id", &unique("k"), "--advertise-url", &format!("ws://{addr}")])
         .env("JWT_SECRET", SECRET)
         .env("MEMBERSHIP_KEY", key)
-        .env("AMQP_URL", AMQP_URL)
+        .env("AMQP_URL", amqp_url())
         // NODE_LOG=info (say) shows the nodes' logs when debugging.
         .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(if std::env::var_os("NODE_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
@@ -135,7 +135,7 @@ async fn a_killed_node_is_replaced_and_its_devices_lose_nothing() {
         }
         !b.iter().any(|(q, _)| *q == victim_queue) && per_slot.iter().all(|&n| n == 1) && {
             let out = tokio::process::Command::new("rabbitmqctl")
-                .args(["list_queues", "-q", "--no-table-headers", "name"])
+                .args(["list_queues", "-p", vhost(), "-q", "--no-table-headers", "name"])
                 .output()
                 .await
                 .expect("rabbitmqctl runs");

@@ -1,7 +1,8 @@
 //! A publisher with a stale ring view: one re-publish fixes it, never a loop.
-//! (Each multi-node test has a binary of its own: clusters bind every slot
-//! of the one exchange, so concurrent clusters would see each other's
-//! messages, which a single deployment never does.)
+//! (Each multi-node test has a binary of its own: a test process has one
+//! RabbitMQ vhost, `common::vhost`, and clusters in it bind every slot of
+//! its one exchange, so concurrent clusters would see each other's messages,
+//! which a single deployment never does.)
 
 mod common;
 
@@ -22,7 +23,7 @@ async fn a_stale_ring_view_is_corrected_by_one_republish_and_no_loop() {
     let mut ws = connect(&nodes[1], &user).await;
 
     // Watch what the broker carries for the user's slot.
-    let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
+    let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let watch = unique("watch");
     let opts = lapin::options::QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };

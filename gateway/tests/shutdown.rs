@@ -35,7 +35,7 @@ async fn shutdown_sends_1001_to_every_device_and_leaves_the_broker() {
     stopping.await.unwrap();
 
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the node stopped accepting");
-    let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
+    let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     let gone = ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await;

@@ -28,7 +28,39 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// This test process's own RabbitMQ virtual host, created on first use.
+/// Every node binds slots of `feed.events`, so nodes of another cluster on
+/// the same exchange (a concurrent test process, a local dev stack) would
+/// receive and re-publish this process's events. Vhosts of test processes
+/// that have exited are deleted here too.
+pub fn vhost() -> &'static str {
+    static VHOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VHOST.get_or_init(|| {
+        let name = format!("{VHOST_PREFIX}{}", std::process::id());
+        for old in rabbitmqctl(&["list_vhosts", "-q", "--no-table-headers", "name"]).lines() {
+            let pid = old.strip_prefix(VHOST_PREFIX).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                rabbitmqctl(&["delete_vhost", old]);
+            }
+        }
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        name
+    })
+}
+
+const VHOST_PREFIX: &str = "gateway-test-";
+
+/// The broker URL of this process's vhost.
+pub fn amqp_url() -> String {
+    format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost())
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 /// Generous: CI machines are noisy; waits end as soon as the thing happens.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -60,10 +92,14 @@ impl Node {
     /// Starts a node with test defaults, changed by `tweak`, and waits until
     /// its broker consumer is up.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> Node {
+        // NODE_LOG=info (say) shows the nodes' logs when debugging a test.
+        if let Ok(filter) = std::env::var("NODE_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = Config::for_tests(SECRET);
-        config.amqp_url = AMQP_URL.into();
+        config.amqp_url = amqp_url();
         config.listen = addr;
         config.node_id = Some(unique("t"));
         config.advertise_url = Some(format!("ws://{addr}"));
@@ -176,7 +212,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn new() -> Publisher {
-        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.unwrap();
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         topology::declare_exchanges(&ch).await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
@@ -283,7 +319,7 @@ impl AmqpProxy {
     }
 
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
+        format!("amqp://guest:guest@{}/{}", self.addr, vhost())
     }
 
     /// Drops every proxied connection at once.
@@ -419,7 +455,7 @@ pub async fn smart_device(entry: String, user: String, stop: tokio_util::sync::C
 /// The (queue, slot) bindings of `feed.events`, read with rabbitmqctl.
 pub async fn bindings() -> Vec<(String, u16)> {
     let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_bindings", "-q", "--no-table-headers", "source_name", "destination_name", "routing_key"])
+        .args(["list_bindings", "-p", vhost(), "-q", "--no-table-headers", "source_name", "destination_name", "routing_key"])
         .output()
         .await
         .expect("rabbitmqctl runs");
