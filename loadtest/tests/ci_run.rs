@@ -35,6 +35,35 @@ fn gateway_binary() -> PathBuf {
     gw
 }
 
+/// A RabbitMQ vhost for this run only, deleted on drop: gateways bind every
+/// slot of `feed.events`, so any other cluster on the same exchange (a
+/// concurrent test, a dev stack) would receive and re-publish our events.
+struct Vhost(String);
+
+impl Vhost {
+    fn new() -> Vhost {
+        let v = Vhost(unique("loadtest-ci"));
+        rabbitmqctl(&["add_vhost", &v.0]);
+        rabbitmqctl(&["set_permissions", "-p", &v.0, "guest", ".*", ".*", ".*"]);
+        v
+    }
+
+    fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.0]).output();
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A gateway process; SIGTERM and wait on drop, even when the test fails.
 struct Gateway {
     child: Child,
@@ -42,13 +71,14 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn start(key: &str) -> Gateway {
+    fn start(key: &str, amqp_url: &str) -> Gateway {
         // Reserve a free port, then hand it to the node.
         let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let child = Command::new(gateway_binary())
             .args(["--listen", &addr.to_string(), "--node-id", &unique("ci")])
             .env("JWT_SECRET", SECRET)
             .env("MEMBERSHIP_KEY", key)
+            .env("AMQP_URL", amqp_url)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -124,7 +154,9 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::Exit
 fn a_small_run_over_two_gateways_and_two_workers_loses_nothing() {
     let started = Instant::now();
     let key = unique("lt-ci-ring");
-    let mut gateways = [Gateway::start(&key), Gateway::start(&key)];
+    // Declared first, so it is dropped after the gateways.
+    let vhost = Vhost::new();
+    let mut gateways = [Gateway::start(&key, &vhost.amqp_url()), Gateway::start(&key, &vhost.amqp_url())];
     for g in &mut gateways {
         g.wait_ready(2);
     }
@@ -142,6 +174,7 @@ fn a_small_run_over_two_gateways_and_two_workers_loses_nothing() {
         .arg(&json)
         .env("JWT_SECRET", SECRET)
         .env("MEMBERSHIP_KEY", &key)
+        .env("AMQP_URL", vhost.amqp_url())
         .spawn()
         .expect("loadtest starts");
     let status = wait_with_timeout(&mut run, RUN_TIMEOUT);
