@@ -106,6 +106,15 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
 
     let mut unacked: Option<(Delivery, u64)> = None;
     loop {
+        // A ring change is handled before the next message even when
+        // messages never stop coming (the select below runs only in a lull).
+        if wanted.has_changed().unwrap_or(false) {
+            let ring = wanted.borrow_and_update().clone();
+            if let Some(ring) = ring {
+                bound = reconcile(gw, &conn, &ch, bound, ring).await?;
+            }
+            continue;
+        }
         // Polling `next` once and dropping it loses nothing: a stream hands
         // out an item only from the poll that returns it.
         let next = match consumer.next().now_or_never() {
