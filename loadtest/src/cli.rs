@@ -73,7 +73,8 @@ pub struct RunArgs {
     pub source_ips: (Ipv4Addr, Ipv4Addr),
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
-    /// HS256 secret shared with the gateways (gateway mode mints tokens).
+    /// HS256 secret shared with the gateways (and the backend): tokens are
+    /// minted with it. e2e mode without it logs every user in instead.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// Seconds to hold the connections idle after ramp-up before reading
@@ -81,7 +82,8 @@ pub struct RunArgs {
     /// what pongs cost).
     #[arg(long, default_value_t = 2)]
     pub settle: u64,
-    /// Prefix of the user ids (gateway mode), so runs do not collide.
+    /// Prefix of the user ids (gateway mode) or first name of the
+    /// registered users (e2e mode), so runs do not collide.
     #[arg(long, default_value = "lt")]
     pub user_prefix: String,
     /// Where to write the JSON report.

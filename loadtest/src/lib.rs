@@ -3,6 +3,7 @@
 //! grouped by ring owner, and an honest account of what arrived.
 //!
 //! - [`cli`]: the command line.
+//! - [`e2e`]: `--mode e2e`: seed and post through the backend's HTTP API.
 //! - [`discovery`]: the gateways, from the Redis membership or `--node`.
 //! - [`run`]: the coordinator: ramp up, hold, publish, drain, report.
 //! - [`pool`]: starts the worker processes and follows their reports.
@@ -24,6 +25,7 @@ pub mod charts;
 pub mod cli;
 pub mod client;
 pub mod discovery;
+pub mod e2e;
 pub mod metrics;
 pub mod nchan;
 pub mod pool;

@@ -7,6 +7,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::accounting::Tally;
+use crate::e2e::E2eReport;
 use crate::series::Point;
 
 #[derive(Debug, Serialize)]
@@ -29,6 +30,9 @@ pub struct Report {
     pub foreign_frames: u64,
     /// Per second since the run started.
     pub series: Vec<Point>,
+    /// e2e mode: posts over HTTP and the backend's fan-out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e2e: Option<E2eReport>,
     pub params: serde_json::Value,
 }
 
@@ -116,6 +120,9 @@ impl Report {
                 g.rss_after_bytes as f64 / 1048576.0,
                 g.rss_per_connection_bytes
             );
+        }
+        if let Some(e) = &self.e2e {
+            e.print_summary();
         }
         if self.foreign_frames > 0 {
             println!("ignored       {} frames of other runs (same user ids on the same broker)", self.foreign_frames);

@@ -19,6 +19,7 @@ use crate::audience::Audience;
 use crate::charts;
 use crate::cli::{Mode, RunArgs};
 use crate::discovery;
+use crate::e2e;
 use crate::metrics;
 use crate::pool::Pool;
 use crate::progress::Bars;
@@ -82,13 +83,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let workers = worker_count(args.workers, target, args.users)?;
     let gateways = discovery::gateways(&args.nodes, &args.redis_url, &args.membership_key).await?;
     let ring = Ring::new(gateways);
-    let population = match args.mode {
+    let (population, mut e2e) = match args.mode {
         Mode::Gateway => {
             let users = (0..args.users).map(|i| format!("{}-{i}", args.user_prefix)).collect();
             let seed = contract::event::now_micros();
-            Population { users, tokens: Vec::new(), audience: Audience::spread(args.users, args.fanout, seed) }
+            (Population { users, tokens: Vec::new(), audience: Audience::spread(args.users, args.fanout, seed) }, None)
         }
-        Mode::E2e => anyhow::bail!("--mode e2e is not implemented yet"),
+        Mode::E2e => {
+            let (population, session) = e2e::Session::seed(&args).await?;
+            (population, Some(session))
+        }
     };
     let secret = match (&args.jwt_secret, args.mode) {
         (Some(s), _) => s.clone(),
@@ -134,7 +138,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     };
     let bar = bars.run(args.duration, live.clone());
     let published = if args.rate > 0.0 {
-        publisher::run(&args.amqp_url, &plan, &live.connected_per_user, &live.series).await.map(Some)
+        match e2e.as_mut() {
+            Some(session) => session.post(&plan, &live.connected_per_user, &live.series).await,
+            None => publisher::run(&args.amqp_url, &plan, &live.connected_per_user, &live.series).await,
+        }
+        .map(Some)
     } else {
         tokio::time::sleep(plan.duration).await;
         Ok(None)
@@ -185,13 +193,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         })
         .collect();
     let series = live.series.lock().points(start_unix_s);
+    let e2e = match e2e {
+        Some(session) => Some(session.finish(last_receipt_us).await?),
+        None => None,
+    };
     Ok(Report {
         connections: Connections { target, established, failed: live.failed() },
         connect_rate_per_s: established as f64 / ramp.as_secs_f64().max(1e-3),
         ramp_up_s: ramp.as_secs_f64(),
         workers,
         messages,
-        broker_messages_published: published.as_ref().map_or(0, |p| p.messages),
+        // In e2e mode the backend publishes: its own count.
+        broker_messages_published: e2e
+            .as_ref()
+            .map_or_else(|| published.as_ref().map_or(0, |p| p.messages), |e| e.backend.events_published),
         events_published: expected.len() as u64,
         deliveries_per_s,
         latency_ms: LatencyMs::from_micros(&latency),
@@ -199,6 +214,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         close_codes,
         foreign_frames: foreign,
         series,
+        e2e,
         params: serde_json::json!({
             "users": args.users, "devices": args.devices, "rate": args.rate, "fanout": args.fanout,
             "duration_s": args.duration, "workers": workers,

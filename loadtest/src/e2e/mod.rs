@@ -1,0 +1,235 @@
+//! `--mode e2e`: the whole path, through the backend. Users are registered
+//! and follow their authors over the HTTP API ([`seed`]), the devices
+//! connect to the gateways as in gateway mode, and posts are created with
+//! `POST /post/create` at the target rate ([`poster`]); the backend fans
+//! them out. Accounting is the gateway mode's: expected deliveries per
+//! post are the connected devices of the author's followers when the post
+//! is asked for, and what is missing is lost.
+//!
+//! Besides that, the report says how fast posts were created (HTTP) and
+//! how many recipients the backend fanned them out to per second, from
+//! its own counters read before and after.
+//!
+//! - [`api`]: the backend's HTTP API client.
+//! - [`seed`]: register, tokens, follows.
+//! - [`poster`]: posts at a rate.
+
+pub mod api;
+pub mod poster;
+pub mod seed;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::cli::RunArgs;
+use crate::publisher::{Plan, Published};
+use crate::report::LatencyMs;
+use crate::run::Population;
+use crate::series::Series;
+use api::Api;
+use poster::Posts;
+use seed::Seeding;
+
+/// The backend's counters of what its fan-out did.
+const FANOUT_RECIPIENTS: &str = "backend_fanout_recipients_total";
+const EVENTS_PUBLISHED: &str = "backend_events_published_total";
+/// The backend counts a fan-out's broker messages once their confirms are
+/// in, which may be just after a device got them: the counters are read
+/// until they stop moving, at most this long.
+const COUNTERS_SETTLE: Duration = Duration::from_secs(3);
+/// How often the counters are read while they settle.
+const COUNTERS_POLL: Duration = Duration::from_millis(250);
+
+/// The e2e part of the report.
+#[derive(Debug, Serialize)]
+pub struct E2eReport {
+    pub backend_url: String,
+    /// Users that post; follower `u` follows author `u % authors`.
+    pub authors: u32,
+    /// Followers of the author with the fewest and the most.
+    pub followers_per_author: (u32, u32),
+    pub seeding: Seeding,
+    pub posts: PostsReport,
+    pub backend: BackendFanout,
+}
+
+/// `POST /post/create` as the load generator saw it.
+#[derive(Debug, Serialize)]
+pub struct PostsReport {
+    pub attempted: u64,
+    pub created: u64,
+    pub failed: u64,
+    /// created / window_s.
+    pub created_per_s: f64,
+    /// First request's start to the last answer.
+    pub window_s: f64,
+    /// Request to answer, successful posts.
+    pub latency_ms: LatencyMs,
+    pub first_error: Option<String>,
+}
+
+/// The backend's own fan-out counters over the run: the increase of each
+/// between just before the first post and after the last receipt.
+#[derive(Debug, Serialize)]
+pub struct BackendFanout {
+    /// Increase of `backend_fanout_recipients_total`.
+    pub fanout_recipients: u64,
+    /// Increase of `backend_events_published_total` (broker messages).
+    pub events_published: u64,
+    /// First post request's start to the last receipt at any device.
+    pub window_s: f64,
+    /// fanout_recipients / window_s.
+    pub fanout_recipients_per_s: f64,
+    /// events_published / window_s.
+    pub events_published_per_s: f64,
+}
+
+/// The backend's counters at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    recipients: f64,
+    events: f64,
+}
+
+/// An e2e run's state on the coordinator, from seeding to the report.
+pub struct Session {
+    api: Arc<Api>,
+    backend_url: String,
+    author_tokens: Arc<Vec<String>>,
+    authors: u32,
+    followers_per_author: (u32, u32),
+    seeding: Seeding,
+    /// The counters just before the first post.
+    before: Counters,
+    /// Set once posting is over.
+    posts: Option<Posts>,
+}
+
+impl Session {
+    /// Seeds the run's users through the backend: the population the
+    /// workers connect (with the tokens), and the session that posts.
+    pub async fn seed(args: &RunArgs) -> anyhow::Result<(Population, Session)> {
+        let api = Arc::new(Api::new(&args.backend_url)?);
+        // Fail in a second, not after minutes of seeding, when the backend is not there.
+        Self::counters(&api).await.map_err(|e| e.context(format!("the backend at {} does not answer", args.backend_url)))?;
+        let s = seed::seed(&api, args.users, args.fanout, &args.user_prefix, args.jwt_secret.as_deref(), args.quiet).await?;
+        let followers_per_author = followers_range(&s.audience, s.author_tokens.len() as u32);
+        let population = Population { users: s.users, tokens: s.tokens, audience: s.audience };
+        let session = Session {
+            api,
+            backend_url: args.backend_url.clone(),
+            authors: s.author_tokens.len() as u32,
+            author_tokens: Arc::new(s.author_tokens),
+            followers_per_author,
+            seeding: s.times,
+            before: Counters::default(),
+            posts: None,
+        };
+        Ok((population, session))
+    }
+
+    /// Creates posts at `plan.rate` for `plan.duration` (see [`poster`]).
+    pub async fn post(&mut self, plan: &Plan, connected: &[AtomicU32], series: &Mutex<Series>) -> anyhow::Result<Published> {
+        self.before = Self::counters(&self.api).await?;
+        let (published, posts) = poster::run(&self.api, &self.author_tokens, plan, connected, series).await?;
+        self.posts = Some(posts);
+        Ok(published)
+    }
+
+    /// The e2e report, once the devices' last receipt (unix micros, 0:
+    /// none) is known.
+    pub async fn finish(self, last_receipt_us: u64) -> anyhow::Result<E2eReport> {
+        let after = match &self.posts {
+            Some(_) => self.settled_counters().await?,
+            None => self.before,
+        };
+        let posts = self.posts.as_ref();
+        let first_start_us = posts.map_or(0, |p| p.first_start_us);
+        let window = |end_us: u64| if first_start_us > 0 && end_us > first_start_us { (end_us - first_start_us) as f64 / 1e6 } else { 0.0 };
+        let per_s = |n: u64, w: f64| if w > 0.0 { n as f64 / w } else { 0.0 };
+        let post_window = window(posts.map_or(0, |p| p.last_end_us));
+        let fanout_window = window(last_receipt_us);
+        let recipients = (after.recipients - self.before.recipients).max(0.0) as u64;
+        let events = (after.events - self.before.events).max(0.0) as u64;
+        Ok(E2eReport {
+            backend_url: self.backend_url,
+            authors: self.authors,
+            followers_per_author: self.followers_per_author,
+            seeding: self.seeding,
+            posts: PostsReport {
+                attempted: posts.map_or(0, |p| p.attempted),
+                created: posts.map_or(0, |p| p.created),
+                failed: posts.map_or(0, |p| p.failed),
+                created_per_s: per_s(posts.map_or(0, |p| p.created), post_window),
+                window_s: post_window,
+                latency_ms: posts.map(|p| LatencyMs::from_micros(&p.latency)).unwrap_or_default(),
+                first_error: posts.and_then(|p| p.first_error.clone()),
+            },
+            backend: BackendFanout {
+                fanout_recipients: recipients,
+                events_published: events,
+                window_s: fanout_window,
+                fanout_recipients_per_s: per_s(recipients, fanout_window),
+                events_published_per_s: per_s(events, fanout_window),
+            },
+        })
+    }
+
+    async fn counters(api: &Api) -> anyhow::Result<Counters> {
+        Ok(Counters { recipients: api.metric(FANOUT_RECIPIENTS).await?, events: api.metric(EVENTS_PUBLISHED).await? })
+    }
+
+    /// The counters once two reads in a row agree (or after
+    /// [`COUNTERS_SETTLE`]).
+    async fn settled_counters(&self) -> anyhow::Result<Counters> {
+        let deadline = tokio::time::Instant::now() + COUNTERS_SETTLE;
+        let mut last = Self::counters(&self.api).await?;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(COUNTERS_POLL).await;
+            let now = Self::counters(&self.api).await?;
+            if now.recipients == last.recipients && now.events == last.events {
+                break;
+            }
+            last = now;
+        }
+        Ok(last)
+    }
+}
+
+impl E2eReport {
+    pub fn print_summary(&self) {
+        let p = &self.posts;
+        let b = &self.backend;
+        let s = &self.seeding;
+        println!(
+            "seeding       {} users registered in {:.1}s, tokens {} in {:.1}s, {} follows in {:.1}s ({} authors, {}-{} followers each)",
+            s.registered, s.register_s, if s.tokens == "login" { "from login" } else { s.tokens }, s.tokens_s, s.follows, s.follow_s, self.authors,
+            self.followers_per_author.0, self.followers_per_author.1
+        );
+        println!(
+            "posts (HTTP)  {} created  {} failed  = {:.1} posts/s over {:.2}s  latency ms p50 {:.2}  p99 {:.2}  max {:.2}",
+            p.created, p.failed, p.created_per_s, p.window_s, p.latency_ms.p50, p.latency_ms.p99, p.latency_ms.max
+        );
+        if let Some(e) = &p.first_error {
+            println!("post failure  {e}");
+        }
+        println!(
+            "backend       {} recipients fanned out, {} broker messages = {:.0} recipients/s, {:.0} messages/s (first post to last receipt, {:.2}s)",
+            b.fanout_recipients, b.events_published, b.fanout_recipients_per_s, b.events_published_per_s, b.window_s
+        );
+    }
+}
+
+/// The fewest and the most followers any author has.
+fn followers_range(audience: &crate::audience::Audience, authors: u32) -> (u32, u32) {
+    let mut out = Vec::new();
+    let counts = (0..authors).map(|a| {
+        audience.recipients(a, &mut out);
+        out.len() as u32
+    });
+    counts.fold((u32::MAX, 0), |(lo, hi), n| (lo.min(n), hi.max(n)))
+}
