@@ -19,7 +19,8 @@ use crate::{broker, http, keepalive, membership};
 /// Close code sent to every device when the node shuts down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// After leaving the ring, how long the node keeps consuming so that the
-/// others (heartbeat every second) have bound its slots before its queue goes.
+/// others (who re-read the membership every `HEARTBEAT_INTERVAL`) have
+/// bound its slots before its queue goes.
 const LEAVE_SETTLE: Duration = Duration::from_millis(2500);
 /// A client must finish its HTTP request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
