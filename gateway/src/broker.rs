@@ -133,7 +133,7 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
                         continue;
                     }
                     _ = gw.stop_consuming.cancelled() => {
-                        leave(&ch, &queue).await;
+                        leave(gw, &ch, &queue).await;
                         let _ = conn.close(200, "gateway shutting down".into()).await;
                         return Ok(());
                     }
@@ -261,8 +261,14 @@ async fn set_bindings(ch: &Channel, node: &str, slots: &BTreeSet<u16>, bind: boo
     Ok(())
 }
 
-/// A clean stop: this node's queue goes away at once rather than on expiry.
-async fn leave(ch: &Channel, queue: &str) {
+/// A clean stop. With peers, the queue stays: they take it over like a
+/// dead node's (`departed`: unbind slot by slot as they bind, drain what
+/// was routed here meanwhile, delete). Alone, it goes at once rather than
+/// on expiry.
+async fn leave(gw: &Gateway, ch: &Channel, queue: &str) {
+    if gw.ring().members().len() > 1 {
+        return;
+    }
     if let Err(e) = ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await {
         tracing::warn!(queue, "could not delete queue on shutdown: {e}");
     }

@@ -2,6 +2,7 @@
 //! connection's task, the writer in a task of its own, and they share only
 //! the device's outbox.
 
+use std::collections::HashSet;
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -129,7 +130,9 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
 
 /// Queues the feed's events newer than `since` ahead of the live ones
 /// (the device is registered already, so nothing published meanwhile is
-/// missed; an event in both arrives twice, recognisable by its id). If the
+/// missed). Events that live delivery has queued already are left out of
+/// the replay; one that arrives live just after it still comes twice,
+/// recognisable by its id. If the
 /// feed cannot be read, the device is closed with 1011 to reconnect later
 /// rather than silently miss events, and live events queued meanwhile are
 /// dropped: delivering them would move the client's next `since` past the gap.
@@ -141,15 +144,19 @@ async fn recover(gw: &Gateway, device: &Device, since: &str) {
     match tokio::time::timeout(RECOVERY_TIMEOUT, read).await {
         Ok(Ok(events)) => {
             let now = contract::event::now_micros();
-            let frames = events
-                .iter()
-                .map(|e| Queued {
-                    frame: frame::text(&serde_json::to_vec(e).expect("events serialize")),
-                    published_at_us: now,
-                })
-                .collect::<Vec<_>>();
-            gw.metrics.recovered.increment(frames.len() as u64);
-            device.outbox.prepend(frames);
+            device.outbox.prepend_with(|live| {
+                let queued: HashSet<&str> = live.iter().filter_map(|q| event_id(&q.frame)).collect();
+                let frames: Vec<Queued> = events
+                    .iter()
+                    .filter(|e| !queued.contains(e.id.as_str()))
+                    .map(|e| Queued {
+                        frame: frame::text(&serde_json::to_vec(e).expect("events serialize")),
+                        published_at_us: now,
+                    })
+                    .collect();
+                gw.metrics.recovered.increment(frames.len() as u64);
+                frames
+            });
         }
         Ok(Err(e)) => {
             tracing::warn!("feed recovery failed: {e}");
@@ -160,6 +167,16 @@ async fn recover(gw: &Gateway, device: &Device, since: &str) {
             device.outbox.close_discarding(Close::Frame { code: 1011, reason: "feed recovery timed out, retry".into() });
         }
     }
+}
+
+/// The `id` of a queued event frame.
+fn event_id(frame: &[u8]) -> Option<&str> {
+    #[derive(serde::Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: &'a str,
+    }
+    serde_json::from_slice::<Id>(frame::payload(frame)?).ok().map(|e| e.id)
 }
 
 /// Reads and drops bytes until the peer closes or the linger time is up.

@@ -48,6 +48,16 @@ pub fn text(payload: &[u8]) -> Bytes {
     encode(OP_TEXT, payload)
 }
 
+/// The payload of a frame made by [`encode`] (a whole, unmasked frame).
+pub fn payload(frame: &[u8]) -> Option<&[u8]> {
+    let start = match *frame.get(1)? & 0x7F {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    frame.get(start..)
+}
+
 /// Encodes a close frame; the reason is cut to fit a control frame.
 pub fn close(code: u16, reason: &str) -> Bytes {
     let mut payload = Vec::with_capacity(2 + reason.len());
@@ -220,6 +230,15 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_is_found_behind_every_header_length() {
+        for n in [0, 125, 126, 70_000] {
+            let body = vec![b'x'; n];
+            assert_eq!(payload(&text(&body)), Some(&body[..]), "{n} bytes");
+        }
+        assert_eq!(payload(&[0x81]), None);
+    }
 
     /// A masked client frame, as a browser would send it.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {

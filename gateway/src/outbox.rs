@@ -97,15 +97,17 @@ impl Outbox {
         Push::Queued
     }
 
-    /// Puts recovered events in front of whatever is queued, in order. Not
-    /// bounded by the capacity: recovery is bounded by the feed length, and
-    /// a device must get its backlog before its live events.
-    pub fn prepend(&self, items: Vec<Queued>) {
-        if items.is_empty() {
-            return;
-        }
+    /// Puts recovered events, made by `make` from what is queued already
+    /// (so it can leave out what live delivery queued), in front of it, in
+    /// order. Not bounded by the capacity: recovery is bounded by the feed
+    /// length, and a device must get its backlog before its live events.
+    pub fn prepend_with(&self, make: impl FnOnce(&VecDeque<Queued>) -> Vec<Queued>) {
         let mut s = self.state.lock();
         if s.close.is_some() || s.finished {
+            return;
+        }
+        let items = make(&s.frames);
+        if items.is_empty() {
             return;
         }
         for item in items.into_iter().rev() {

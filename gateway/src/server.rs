@@ -18,10 +18,6 @@ use crate::{broker, http, keepalive, membership};
 
 /// Close code sent to every device when the node shuts down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
-/// After leaving the ring, how long the node keeps consuming so that the
-/// others (who re-read the membership every `HEARTBEAT_INTERVAL`) have
-/// bound its slots before its queue goes.
-const LEAVE_SETTLE: Duration = Duration::from_millis(2500);
 /// A client must finish its HTTP request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (EMFILE and friends) before trying again.
@@ -61,11 +57,11 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
     gw.shutdown.cancel(); // Leaves the ring; stops the keepalive.
     let _ = membership.await;
     let _ = keepalive.await;
-    // Make before break on the way out too: keep consuming until the others
-    // have bound this node's slots, then delete the queue.
-    if gw.ring().members().len() > 1 {
-        tokio::time::sleep(LEAVE_SETTLE).await;
-    }
+    // The tombstone is written: the others bind this node's slots within a
+    // poll and take over its queue, delivering what reaches it from now on
+    // (`departed`). So consuming stops now, before the devices go: a
+    // device must not get, from here, an event newer than one that the
+    // new owner delivers (its `since` would skip the older one).
     gw.stop_consuming.cancel();
     let _ = broker.await;
     gw.sessions.for_each_device(|d| {
