@@ -67,9 +67,9 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
         Err(e) => {
             gw.metrics.opened_too_many_devices.increment(1);
             let close = frame::close(CLOSE_TOO_MANY_DEVICES, &e.to_string());
-            if write_with_timeout(&mut wr, &close).await.is_ok() {
+            if Box::pin(write_with_timeout(&mut wr, &close)).await.is_ok() {
                 let _ = wr.shutdown().await;
-                linger(&mut rd).await;
+                Box::pin(linger(&mut rd)).await;
             }
             return;
         }
@@ -82,7 +82,9 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
         device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url });
     }
     if let Some(since) = since {
-        recover(&gw, &device, &since).await;
+        // Boxed, like every rare await here: a connection's task is as big
+        // as its largest await state, and idle devices must stay small.
+        Box::pin(recover(&gw, &device, &since)).await;
     }
     let mut writer = tokio::spawn(write_loop(gw.clone(), wr, device.clone()));
 
@@ -124,7 +126,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
     let wrote_close = if writer_done { true } else { (&mut writer).await.unwrap_or(false) };
     gw.sessions.unregister(&device);
     if wrote_close {
-        linger(&mut rd).await;
+        Box::pin(linger(&mut rd)).await;
     }
 }
 
@@ -218,7 +220,7 @@ async fn write_loop(gw: Arc<Gateway>, mut wr: OwnedWriteHalf, device: Arc<Device
         if let Some(Close::Frame { code, reason }) = &close {
             bufs.push(frame::close(*code, reason));
         }
-        if let Err(e) = write_all(&mut wr, &mut bufs).await {
+        if let Err(e) = Box::pin(write_all(&mut wr, &mut bufs)).await {
             tracing::debug!(device = device.id, "write failed: {e}");
             gw.metrics.write_failed.increment(n as u64);
             device.outbox.close(Close::Abort);
@@ -252,7 +254,7 @@ async fn write_all(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Resu
         // Try first: a socket with room (nearly always) needs no timer.
         let written = match wr.try_write_vectored(&slices) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::time::timeout(WRITE_STALL_TIMEOUT, wr.write_vectored(&slices))
+                Box::pin(tokio::time::timeout(WRITE_STALL_TIMEOUT, wr.write_vectored(&slices)))
                     .await
                     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))??
             }
@@ -286,9 +288,9 @@ async fn write_one(wr: &mut OwnedWriteHalf, mut buf: Bytes) -> std::io::Result<(
         Ok(n) if n == buf.len() => Ok(()),
         Ok(n) => {
             buf.advance(n);
-            write_with_timeout(wr, &buf).await
+            Box::pin(write_with_timeout(wr, &buf)).await
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => write_with_timeout(wr, &buf).await,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Box::pin(write_with_timeout(wr, &buf)).await,
         Err(e) => Err(e),
     }
 }
