@@ -30,6 +30,16 @@ pub enum Mode {
     E2e,
 }
 
+/// What the devices connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// Our gateways (Redis membership or `--node`), events through RabbitMQ.
+    Gateway,
+    /// The nginx + Nchan peer at `--nchan-url`: one channel per user,
+    /// events published over HTTP.
+    Nchan,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Users to connect.
@@ -101,6 +111,29 @@ pub struct RunArgs {
     pub quiet: bool,
     #[arg(long, value_enum, default_value_t = Mode::Gateway)]
     pub mode: Mode,
+    /// What the devices connect to: our gateways, or the nginx + Nchan
+    /// peer (same devices, same accounting).
+    #[arg(long, value_enum, default_value_t = Target::Gateway)]
+    pub target: Target,
+    /// nginx + Nchan (`--target nchan`).
+    #[arg(long, default_value = "http://127.0.0.1:8090")]
+    pub nchan_url: String,
+    /// nginx's pid file, for its memory (`--target nchan`).
+    #[arg(long, default_value = "run/nchan/nginx.pid")]
+    pub nchan_pid_file: PathBuf,
+    /// Keep-alive HTTP connections publishing to Nchan.
+    #[arg(long, default_value_t = 16)]
+    pub nchan_connections: usize,
+    /// Devices whose connection ends reconnect with `?since=<last id>`,
+    /// and every event is first written into its recipients' feed caches
+    /// (Redis, as the backend does) so they recover what they missed.
+    /// Such devices stay expected for every event of the run.
+    #[arg(long)]
+    pub recover: bool,
+    /// Devices closed and reconnected per second while events flow (all
+    /// workers together), picked at random; implies --recover.
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
     /// The backend (e2e mode).
     #[arg(long, env = "BACKEND_URL", default_value = "http://127.0.0.1:8080")]
     pub backend_url: String,

@@ -51,7 +51,15 @@ pub type Ws = WebSocket<TokioIo<Upgraded>>;
 /// Connects a device: bind the source address (port chosen at connect
 /// time, so ports are shared across destinations), TCP connect, upgrade.
 pub async fn connect(source: Ipv4Addr, ws_url: &str, token: &str) -> anyhow::Result<Ws> {
-    let hostport = ws_url.strip_prefix("ws://").context("ws:// URL")?;
+    connect_since(source, ws_url, token, None).await
+}
+
+/// [`connect`], asking for recovery: `?since=<id>` replays the feed's
+/// events newer than `id` before the live ones. `ws_url` is a node's
+/// `ws://host:port` base (a path after it, as in a 4001 reason, is ignored).
+pub async fn connect_since(source: Ipv4Addr, ws_url: &str, token: &str, since: Option<&str>) -> anyhow::Result<Ws> {
+    let rest = ws_url.strip_prefix("ws://").context("ws:// URL")?;
+    let hostport = rest.split('/').next().unwrap_or(rest);
     let dest: SocketAddr = tokio::net::lookup_host(hostport).await?.next().context("gateway address")?;
     let socket = TcpSocket::new_v4()?;
     // Without this, bind() reserves a port per source address for all
@@ -60,9 +68,10 @@ pub async fn connect(source: Ipv4Addr, ws_url: &str, token: &str) -> anyhow::Res
     socket.bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))?;
     let stream = socket.connect(dest).await?;
     stream.set_nodelay(true)?;
+    let query = since.map(|s| format!("?since={s}")).unwrap_or_default();
     let req = Request::builder()
         .method("GET")
-        .uri(format!("http://{hostport}/post/feed/posted"))
+        .uri(format!("http://{hostport}/post/feed/posted{query}"))
         .header("host", hostport)
         .header("upgrade", "websocket")
         .header("connection", "upgrade")
@@ -74,26 +83,62 @@ pub async fn connect(source: Ipv4Addr, ws_url: &str, token: &str) -> anyhow::Res
     Ok(ws)
 }
 
+/// Why a device's connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The run is over.
+    Stopped,
+    /// The load generator closed it on purpose (churn).
+    Churned,
+    /// Close 4001: the user moved to the node at this URL.
+    Moved(String),
+    /// Another close code from the server.
+    Closed(u16),
+    /// The connection broke (EOF, reset, protocol error).
+    Broken,
+}
+
 /// Reads events until the connection ends or `stop` fires; returns the
 /// sequence numbers received, in arrival order.
-pub async fn read_events(
+pub async fn read_events(ws: Ws, key: usize, run: u64, counters: &Counters, stop: &CancellationToken) -> Vec<u32> {
+    let mut seqs = Vec::new();
+    read_until(ws, key, run, counters, stop, None, &mut seqs).await;
+    seqs
+}
+
+/// Reads events into `seqs` until the connection ends, `stop` fires or
+/// `churn` is notified (then it closes the connection itself, code 1000);
+/// says why it ended.
+pub async fn read_until(
     mut ws: Ws,
     key: usize,
     run: u64,
     counters: &Counters,
     stop: &CancellationToken,
-) -> Vec<u32> {
-    let mut seqs = Vec::new();
+    churn: Option<&tokio::sync::Notify>,
+    seqs: &mut Vec<u32>,
+) -> Ended {
+    let churned = async {
+        match churn {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(churned);
     loop {
-        // read_frame is not cancel-safe, but on stop the connection is
-        // abandoned, so a half-read frame does not matter.
+        // read_frame is not cancel-safe, but on stop or churn the
+        // connection is abandoned, so a half-read frame does not matter.
         let frame = tokio::select! {
             f = ws.read_frame() => f,
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => return Ended::Stopped,
+            _ = &mut churned => {
+                let _ = ws.write_frame(fastwebsockets::Frame::close(1000, b"churn")).await;
+                return Ended::Churned;
+            }
         };
         let frame = match frame {
             Ok(f) => f,
-            Err(_) => break,
+            Err(_) => return Ended::Broken,
         };
         match frame.opcode {
             OpCode::Text => {
@@ -113,12 +158,17 @@ pub async fn read_events(
             OpCode::Close => {
                 let code = frame.payload.get(..2).map_or(1005, |b| u16::from_be_bytes([b[0], b[1]]));
                 *counters.closes.lock().entry(code).or_default() += 1;
-                break;
+                if code == 4001 {
+                    let reason = String::from_utf8_lossy(frame.payload.get(2..).unwrap_or_default()).into_owned();
+                    if reason.starts_with("ws://") {
+                        return Ended::Moved(reason);
+                    }
+                }
+                return Ended::Closed(code);
             }
             _ => {}
         }
     }
-    seqs
 }
 
 /// Reads the run, the sequence number and the publish time (unix micros)
@@ -157,7 +207,23 @@ pub fn event_for(seq: u32, published_us: u64) -> contract::event::PostEvent {
 /// The event a gateway-mode run publishes for sequence number `seq`.
 pub fn run_event(run: u64, seq: u32, published_us: u64) -> contract::event::PostEvent {
     let text = post_text(run, seq, published_us);
-    contract::event::PostEvent::new(&format!("lt-{run:x}-{seq}"), &text, "lt-author", published_us / 1000)
+    contract::event::PostEvent::new(&event_id(run, seq), &text, AUTHOR, published_us / 1000)
+}
+
+/// The author of gateway-mode events.
+pub const AUTHOR: &str = "lt-author";
+
+/// The post id of event `seq` of run `run`. Fixed width, so ids of one run
+/// sort (as strings, like the feed cache and `?since=` compare them) in
+/// publication order.
+pub fn event_id(run: u64, seq: u32) -> String {
+    format!("lt-{run:016x}-{seq:010}")
+}
+
+/// A `since` below every event id of run `run`: what a device that has
+/// received nothing yet asks for when it reconnects.
+pub fn since_floor(run: u64) -> String {
+    format!("lt-{run:016x}-")
 }
 
 struct SpawnExecutor;
@@ -182,6 +248,7 @@ mod tests {
         let bytes = serde_json::to_vec(&ev).unwrap();
         assert_eq!(parse_event(&bytes), Some((0xabc, 42, 1_700_000_000_123_456)));
         assert_eq!(parse_event(b"{}"), None);
+        assert!(event_id(7, 9) < event_id(7, 10) && since_floor(7) < event_id(7, 0));
         let other = contract::event::PostEvent::new("p", "hello", "a", 1);
         assert_eq!(parse_event(&serde_json::to_vec(&other).unwrap()), None);
     }

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::accounting::{Receipts, decode_histogram};
 use crate::series::Series;
-use crate::wire::{self, Job, Report};
+use crate::wire::{self, Job, Reconnects, Report};
 
 /// How long a worker may take to report after `Stop` (closing 15,000
 /// devices and folding their receipts takes well under this).
@@ -30,6 +30,7 @@ pub struct Live {
     open: Vec<AtomicU64>,
     established: Vec<AtomicU64>,
     failed: Vec<AtomicU64>,
+    reconnects: Vec<Mutex<Reconnects>>,
     /// Events received by all devices (duplicates too).
     pub received: AtomicU64,
     ready: AtomicUsize,
@@ -50,6 +51,15 @@ impl Live {
 
     pub fn failed(&self) -> u64 {
         self.failed.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Reconnection counters of all workers, since the start.
+    pub fn reconnects(&self) -> Reconnects {
+        let mut total = Reconnects::default();
+        for r in &self.reconnects {
+            total.add(&r.lock());
+        }
+        total
     }
 
     pub fn received(&self) -> u64 {
@@ -87,6 +97,7 @@ impl Pool {
             open: (0..n).map(|_| AtomicU64::new(0)).collect(),
             established: (0..n).map(|_| AtomicU64::new(0)).collect(),
             failed: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            reconnects: (0..n).map(|_| Mutex::new(Reconnects::default())).collect(),
             received: AtomicU64::new(0),
             ready: AtomicUsize::new(0),
             broken: Mutex::new(None),
@@ -137,6 +148,17 @@ impl Pool {
         }
     }
 
+    /// Sends `command` to every worker.
+    pub async fn broadcast(&mut self, command: &wire::Command) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(command).expect("commands serialize");
+        line.push(b'\n');
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            w.stdin.write_all(&line).await.with_context(|| format!("cannot write to worker {i}"))?;
+            w.stdin.flush().await.with_context(|| format!("cannot write to worker {i}"))?;
+        }
+        Ok(())
+    }
+
     /// Tells every worker that `events` were published, then collects
     /// their results and waits for them to exit.
     pub async fn stop(self, events: u32) -> anyhow::Result<Vec<Finished>> {
@@ -177,7 +199,8 @@ async fn read_reports(worker: usize, first_user: usize, stdout: ChildStdout, liv
         let report: Report =
             serde_json::from_str(&line).with_context(|| format!("worker {worker} wrote a line that is not a report"))?;
         match report {
-            Report::Tick { unix_s, open, established, failed, received, latency, closed } => {
+            Report::Tick { unix_s, open, established, failed, received, latency, closed, reconnects } => {
+                *live.reconnects[worker].lock() = reconnects;
                 let latency = decode_histogram(&latency)?;
                 live.open[worker].store(open, Ordering::Relaxed);
                 live.established[worker].store(established, Ordering::Relaxed);

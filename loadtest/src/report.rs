@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::accounting::Tally;
 use crate::e2e::E2eReport;
 use crate::series::Point;
+use crate::wire::Reconnects;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -28,6 +29,10 @@ pub struct Report {
     /// Frames that were not events of this run (another load generator on
     /// the same broker, same user ids); ignored by the accounting.
     pub foreign_frames: u64,
+    /// Broker messages refused, or Nchan publish requests that failed.
+    pub publish_errors: u64,
+    /// Devices that reconnected (`--recover`, `--churn`).
+    pub reconnects: ReconnectReport,
     /// Per second since the run started.
     pub series: Vec<Point>,
     /// e2e mode: posts over HTTP and the backend's fan-out.
@@ -77,6 +82,49 @@ pub struct GatewayMemory {
     pub rss_after_bytes: u64,
     /// (RSS after ramp-up - RSS before) / connections.
     pub rss_per_connection_bytes: f64,
+    /// nginx only: proportional set size (shared pages counted once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pss_before_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pss_after_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pss_per_connection_bytes: Option<f64>,
+}
+
+/// Reconnections over the whole run, and their rates over the publishing
+/// window (churn runs only while events are published).
+#[derive(Debug, Serialize, Default)]
+pub struct ReconnectReport {
+    /// `--churn`: closes asked for per second.
+    pub churn_requested_per_s: f64,
+    /// Seconds of publishing the rates are over.
+    pub window_s: f64,
+    /// Connections closed on purpose (churn), connections that ended
+    /// (churned or not) and were retried, reconnections, failed attempts.
+    pub churned: u64,
+    pub disconnects: u64,
+    pub connects: u64,
+    pub failures: u64,
+    pub churned_per_s: f64,
+    pub disconnects_per_s: f64,
+    pub connects_per_s: f64,
+}
+
+impl ReconnectReport {
+    pub fn new(total: &Reconnects, window: std::time::Duration, churn: f64) -> ReconnectReport {
+        let w = window.as_secs_f64().max(1e-3);
+        ReconnectReport {
+            churn_requested_per_s: churn,
+            window_s: window.as_secs_f64(),
+            churned: total.churned,
+            disconnects: total.disconnects,
+            connects: total.connects,
+            failures: total.failures,
+            churned_per_s: total.churned as f64 / w,
+            disconnects_per_s: total.disconnects as f64 / w,
+            connects_per_s: total.connects as f64 / w,
+        }
+    }
 }
 
 /// Reads one gauge from a gateway's `/metrics` (ws:// base URL).
@@ -123,6 +171,16 @@ impl Report {
         }
         if let Some(e) = &self.e2e {
             e.print_summary();
+        }
+        let r = &self.reconnects;
+        if r.disconnects > 0 || r.churn_requested_per_s > 0.0 {
+            println!(
+                "reconnects    {} closed ({} by churn, {:.0}/s over {:.1}s of publishing), {} reconnected ({:.0}/s), {} failed attempts",
+                r.disconnects, r.churned, r.churned_per_s, r.window_s, r.connects, r.connects_per_s, r.failures
+            );
+        }
+        if self.publish_errors > 0 {
+            println!("publish errors {}", self.publish_errors);
         }
         if self.foreign_frames > 0 {
             println!("ignored       {} frames of other runs (same user ids on the same broker)", self.foreign_frames);

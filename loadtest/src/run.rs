@@ -17,15 +17,16 @@ use contract::ring::Ring;
 use crate::accounting::{Receipts, merge_into, new_histogram, tally};
 use crate::audience::Audience;
 use crate::charts;
-use crate::cli::{Mode, RunArgs};
+use crate::cli::{Mode, RunArgs, Target};
 use crate::discovery;
 use crate::e2e;
 use crate::metrics;
+use crate::nchan;
 use crate::pool::Pool;
 use crate::progress::Bars;
-use crate::publisher::{self, Plan};
-use crate::report::{Connections, GatewayMemory, LatencyMs, Report, scrape_gauge};
-use crate::wire::Job;
+use crate::publisher::{self, Plan, Sink};
+use crate::report::{Connections, GatewayMemory, LatencyMs, ReconnectReport, Report, scrape_gauge};
+use crate::wire::{Command, Job};
 
 /// Devices per worker when `--workers` is not given: one process may open
 /// 20,000 files, and a worker also needs a few for itself.
@@ -34,6 +35,8 @@ const DEVICES_PER_WORKER: u64 = 15_000;
 const MAX_DEVICES_PER_WORKER: u64 = 19_000;
 /// Time after ramp-up before memory is read, so allocations settle.
 const MIN_SETTLE: Duration = Duration::from_secs(1);
+/// Nchan needs longer: subscriptions reach its other workers asynchronously.
+const NCHAN_SETTLE: Duration = Duration::from_secs(3);
 /// How often the coordinator looks whether the stragglers have arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
@@ -83,7 +86,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(args.fanout > 0, "--fanout must be positive");
     let target = u64::from(args.users) * u64::from(args.devices);
     let workers = worker_count(args.workers, target, args.users)?;
-    let gateways = discovery::gateways(&args.nodes, &args.redis_url, &args.membership_key).await?;
+    let nchan = args.target == Target::Nchan;
+    anyhow::ensure!(!(nchan && args.mode == Mode::E2e), "--target nchan works in gateway mode only");
+    let recover = args.recover || args.churn > 0.0;
+    anyhow::ensure!(!(nchan && recover), "--recover and --churn need the gateways' ?since= recovery (not --target nchan)");
+    anyhow::ensure!(args.churn >= 0.0 && args.churn.is_finite(), "--churn must be a number >= 0");
+    // Against Nchan, the ring is one member: its URL (every device goes there).
+    let gateways = if nchan {
+        let url = format!("ws://{}", args.nchan_url.trim_start_matches("http://").trim_start_matches("ws://").trim_end_matches('/'));
+        vec![format!("nchan={url}").parse().map_err(anyhow::Error::msg)?]
+    } else {
+        discovery::gateways(&args.nodes, &args.redis_url, &args.membership_key).await?
+    };
     let ring = Ring::new(gateways);
     let (population, mut e2e) = match args.mode {
         Mode::Gateway => {
@@ -108,11 +122,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let bars = Bars::new(args.quiet);
 
     let run_id = contract::event::now_micros() ^ u64::from(std::process::id()) << 40;
-    let rss_before = scrape_all(&ring, "gateway_process_rss_bytes").await;
+    let memory = Memory { nchan_pid_file: nchan.then(|| args.nchan_pid_file.clone()) };
+    let rss_before = memory.read(&ring).await?;
     let jobs = jobs(&args, &ring, &population, &secret, workers, run_id);
     let start_unix_s = contract::event::now_micros() / 1_000_000;
     let ramp_start = Instant::now();
-    let pool = Pool::start(jobs, population.users.len()).await?;
+    let mut pool = Pool::start(jobs, population.users.len()).await?;
     let live = pool.live.clone();
     let bar = bars.ramp(target, live.clone());
     let ready = pool.wait_ready().await;
@@ -124,10 +139,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         eprintln!("ramp-up: {established} of {target} devices connected in {:.1}s by {workers} workers", ramp.as_secs_f64());
     }
 
-    tokio::time::sleep(MIN_SETTLE.max(Duration::from_secs(args.settle))).await;
+    // Nchan subscriptions reach the other nginx workers asynchronously.
+    let min_settle = if nchan { NCHAN_SETTLE } else { MIN_SETTLE };
+    tokio::time::sleep(min_settle.max(Duration::from_secs(args.settle))).await;
     pool.check()?;
-    let rss_after = scrape_all(&ring, "gateway_process_rss_bytes").await;
-    let conns_after = scrape_all(&ring, "gateway_connections").await;
+    let rss_after = memory.read(&ring).await?;
+    let conns_after = match nchan {
+        true => vec![live.open() as f64],
+        false => scrape_all(&ring, "gateway_connections").await,
+    };
 
     // Publish, then wait for stragglers.
     let plan = Plan {
@@ -137,12 +157,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         audience: population.audience,
         duration: Duration::from_secs(args.duration),
         run: run_id,
+        feed_cache: recover.then(|| args.redis_url.clone()),
     };
+    let sink = match nchan {
+        true => Sink::Nchan { url: args.nchan_url.clone(), connections: args.nchan_connections },
+        false => Sink::Amqp { url: args.amqp_url.clone() },
+    };
+    if args.churn > 0.0 {
+        pool.broadcast(&Command::Churn { per_s: args.churn / f64::from(workers) }).await?;
+    }
+    let mut publish_errors = 0;
     let bar = bars.run(args.duration, live.clone());
     let published = if args.rate > 0.0 {
         match e2e.as_mut() {
             Some(session) => session.post(&plan, &live.connected_per_user, &live.series).await,
-            None => publisher::run(&args.amqp_url, &plan, &live.connected_per_user, &live.series).await,
+            None => publisher::run(&sink, &plan, &live.connected_per_user, &live.series).await.map(|(p, errors)| {
+                publish_errors = errors;
+                p
+            }),
         }
         .map(Some)
     } else {
@@ -153,8 +185,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let published = published?;
     let expected = published.as_ref().map(|p| p.expected.clone()).unwrap_or_default();
     let expected_total: u64 = expected.iter().map(|&e| u64::from(e)).sum();
+    if args.churn > 0.0 {
+        pool.broadcast(&Command::Churn { per_s: 0.0 }).await?;
+    }
+    let churn_window = published.as_ref().map_or(plan.duration, |p| p.elapsed);
     let drain_until = Instant::now() + Duration::from_secs(args.drain);
-    while live.received() < expected_total && Instant::now() < drain_until {
+    // Recovered events come with duplicates, so the received count says
+    // nothing about stragglers: wait the whole drain.
+    while (recover || live.received() < expected_total) && Instant::now() < drain_until {
         pool.check()?;
         tokio::time::sleep(DRAIN_POLL).await;
     }
@@ -186,12 +224,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         .members()
         .iter()
         .zip(rss_before.iter().zip(rss_after.iter().zip(&conns_after)))
-        .map(|(m, (&before, (&after, &conns)))| GatewayMemory {
+        .map(|(m, (before, (after, &conns)))| GatewayMemory {
             node_id: m.node_id.clone(),
             connections: conns as u64,
-            rss_before_bytes: before as u64,
-            rss_after_bytes: after as u64,
-            rss_per_connection_bytes: if conns > 0.0 { (after - before) / conns } else { 0.0 },
+            rss_before_bytes: before.rss,
+            rss_after_bytes: after.rss,
+            rss_per_connection_bytes: if conns > 0.0 { (after.rss as f64 - before.rss as f64) / conns } else { 0.0 },
+            pss_before_bytes: before.pss,
+            pss_after_bytes: after.pss,
+            pss_per_connection_bytes: match (before.pss, after.pss) {
+                (Some(b), Some(a)) if conns > 0.0 => Some((a as f64 - b as f64) / conns),
+                _ => None,
+            },
         })
         .collect();
     let series = live.series.lock().points(start_unix_s);
@@ -215,6 +259,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         gateways,
         close_codes,
         foreign_frames: foreign,
+        publish_errors,
+        // After the stop: the workers' last ticks are in.
+        reconnects: ReconnectReport::new(&live.reconnects(), churn_window, args.churn),
         series,
         e2e,
         params: serde_json::json!({
@@ -223,6 +270,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
             "nodes": ring.members().iter().map(|m| format!("{}={}", m.node_id, m.url)).collect::<Vec<_>>(),
             "source_ips": format!("{}-{}", args.source_ips.0, args.source_ips.1),
             "mode": format!("{:?}", args.mode).to_lowercase(),
+            "target": format!("{:?}", args.target).to_lowercase(),
+            "recover": recover, "churn_per_s": args.churn,
         }),
     })
 }
@@ -274,9 +323,37 @@ fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, work
                 source_ips,
                 connect_rate: f64::from(args.connect_rate.max(1)) / k as f64,
                 audience: population.audience,
+                nchan: args.target == Target::Nchan,
+                recover: args.recover || args.churn > 0.0,
             }
         })
         .collect()
+}
+
+/// Memory of one server process tree: RSS, and PSS where known.
+#[derive(Debug, Clone, Copy)]
+struct Mem {
+    rss: u64,
+    pss: Option<u64>,
+}
+
+/// Where the servers' memory is read: each gateway's `/metrics`, or
+/// nginx's processes in `/proc`.
+struct Memory {
+    nchan_pid_file: Option<std::path::PathBuf>,
+}
+
+impl Memory {
+    /// One figure per ring member (0 when a gateway does not answer).
+    async fn read(&self, ring: &Ring) -> anyhow::Result<Vec<Mem>> {
+        match &self.nchan_pid_file {
+            Some(pid_file) => {
+                let rss = nchan::nginx_rss_bytes(pid_file).with_context(|| format!("nginx memory (--nchan-pid-file {})", pid_file.display()))?;
+                Ok(vec![Mem { rss, pss: nchan::nginx_pss_bytes(pid_file).ok() }])
+            }
+            None => Ok(scrape_all(ring, "gateway_process_rss_bytes").await.into_iter().map(|r| Mem { rss: r as u64, pss: None }).collect()),
+        }
+    }
 }
 
 /// One gauge from every node, in ring member order (0 when unreadable).

@@ -38,6 +38,38 @@ pub struct Job {
     /// New connections per second for this worker.
     pub connect_rate: f64,
     pub audience: Audience,
+    /// nginx + Nchan instead of gateways: the single member is its URL and
+    /// a device's token is its user id (the channel it subscribes to).
+    #[serde(default)]
+    pub nchan: bool,
+    /// Devices whose connection ends reconnect with `?since=<last id>`
+    /// (to the 4001 reason's URL, else the owner, then the other members)
+    /// until the run stops; they stay expected all along.
+    #[serde(default)]
+    pub recover: bool,
+}
+
+/// A worker's reconnection counters (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconnects {
+    /// Reconnections that succeeded.
+    pub connects: u64,
+    /// Connections that ended during the run and were retried (churned
+    /// ones included).
+    pub disconnects: u64,
+    /// Of those, closed by the worker on purpose (churn).
+    pub churned: u64,
+    /// Reconnection attempts that failed (each retry counts).
+    pub failures: u64,
+}
+
+impl Reconnects {
+    pub fn add(&mut self, o: &Reconnects) {
+        self.connects += o.connects;
+        self.disconnects += o.disconnects;
+        self.churned += o.churned;
+        self.failures += o.failures;
+    }
 }
 
 /// Coordinator to worker, after the job.
@@ -46,6 +78,9 @@ pub struct Job {
 pub enum Command {
     /// Close the devices and report; `events` were published (0..events).
     Stop { events: u32 },
+    /// From now on, close and reconnect `per_s` connected devices per
+    /// second, picked at random (0: stop churning).
+    Churn { per_s: f64 },
 }
 
 /// Worker to coordinator.
@@ -67,6 +102,11 @@ pub enum Report {
         /// Global user index of each device that ended since the previous
         /// tick (after `Ready` only; before it, `Ready` has the counts).
         closed: Vec<u32>,
+        /// Since the start: reconnections that succeeded, connections
+        /// that ended and were retried, reconnection attempts that failed,
+        /// and connections the worker closed on purpose (churn).
+        #[serde(default)]
+        reconnects: Reconnects,
     },
     /// Every device of the slice was attempted: the devices connected now
     /// per user of the slice, and the attempts that succeeded and failed.
@@ -76,10 +116,49 @@ pub enum Report {
         receipts: Receipts,
         /// All latencies of the run (V2, base64).
         latency: String,
+        /// As `[[code, count], ...]`: integer map keys do not survive the
+        /// internally tagged enum's buffering.
+        #[serde(with = "pairs")]
         close_codes: BTreeMap<u16, u64>,
         /// Unix micros of the worker's latest receipt (0: none).
         last_receipt_us: u64,
         /// Frames that were not this run's events (ignored).
         foreign: u64,
     },
+}
+
+/// A map with integer keys as a list of pairs.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<u16, u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, u64>, D::Error> {
+        Ok(Vec::<(u16, u64)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_cross_the_wire() {
+        let done = Report::Done {
+            receipts: Receipts::default(),
+            latency: String::new(),
+            close_codes: BTreeMap::from([(4001, 3), (1001, 1)]),
+            last_receipt_us: 0,
+            foreign: 0,
+        };
+        let line = serde_json::to_string(&done).unwrap();
+        match serde_json::from_str(&line).unwrap() {
+            Report::Done { close_codes, .. } => assert_eq!(close_codes, BTreeMap::from([(4001, 3), (1001, 1)])),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounting::{Receipts, encode_histogram, merge_into, new_histogram};
-use crate::client::{self, Counters};
-use crate::wire::{Command, Job, Report};
+use crate::client::{self, Counters, Ended};
+use crate::wire::{Command, Job, Reconnects, Report};
 
 /// Connection attempts in flight at once during ramp-up.
 const MAX_CONNECTING: usize = 512;
@@ -30,6 +30,12 @@ const MAX_CONNECTING: usize = 512;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Tokens outlive any run.
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// First wait before a reconnection attempt that failed is retried;
+/// doubles up to [`MAX_BACKOFF`], with jitter.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_millis(1000);
+/// Churn picks devices on a timer this fine, several per tick when needed.
+const CHURN_TICK: Duration = Duration::from_millis(10);
 
 /// Runs a worker on this process's stdin and stdout.
 pub async fn run() -> anyhow::Result<()> {
@@ -39,8 +45,9 @@ pub async fn run() -> anyhow::Result<()> {
     let job: Job = serde_json::from_str(&line).context("bad job line")?;
     let slice = Slice::new(&job)?;
 
-    let state = Arc::new(State::new(job.users.len()));
+    let state = Arc::new(State::new(job.users.len(), job.users.len() * job.devices as usize));
     let stop = CancellationToken::new();
+    let mut churn: Option<JoinHandle<()>> = None;
     let mut ramp = tokio::spawn(ramp(job.clone(), slice, state.clone(), stop.clone()));
     let mut devices: Option<Vec<JoinHandle<Device>>> = None;
     let mut total = new_histogram();
@@ -60,11 +67,22 @@ pub async fn run() -> anyhow::Result<()> {
                 let line = line?.context("the coordinator went away")?;
                 match serde_json::from_str(&line).context("bad command line")? {
                     Command::Stop { events } => break events,
+                    Command::Churn { per_s } => {
+                        if let Some(c) = churn.take() {
+                            c.abort();
+                        }
+                        if per_s > 0.0 {
+                            churn = Some(tokio::spawn(churn_devices(state.clone(), per_s, job.run)));
+                        }
+                    }
                 }
             }
         }
     };
 
+    if let Some(c) = churn.take() {
+        c.abort();
+    }
     stop.cancel();
     let devices = match devices {
         Some(d) => d,
@@ -103,7 +121,10 @@ impl Slice {
         let members: Vec<Member> =
             job.members.iter().map(|m| m.parse()).collect::<Result<_, String>>().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(!members.is_empty(), "the job lists no gateway");
-        let tokens = if job.tokens.is_empty() {
+        let tokens = if job.nchan {
+            // Nchan: the bearer "token" is the user id, naming its channel.
+            job.users.clone()
+        } else if job.tokens.is_empty() {
             let minter = Tokens::new(job.jwt_secret.as_bytes());
             job.users.iter().map(|u| minter.issue(u, TOKEN_TTL)).collect()
         } else {
@@ -111,6 +132,16 @@ impl Slice {
             job.tokens.clone()
         };
         Ok(Slice { ring: Ring::new(members), tokens })
+    }
+
+    /// The URL of reconnection attempt `attempt` for `user`: the owner,
+    /// then the other members in turn (any node accepts any user and
+    /// proxies to the owner it sees).
+    fn url(&self, user: &str, attempt: usize) -> &str {
+        let members = self.ring.members();
+        let owner = self.ring.owner(slot_of(user)).expect("ring has members");
+        let at = members.iter().position(|m| m == owner).unwrap_or(0);
+        &members[(at + attempt) % members.len()].url
     }
 }
 
@@ -121,6 +152,10 @@ struct State {
     established: AtomicU64,
     failed: AtomicU64,
     per_user: Mutex<PerUser>,
+    /// Per device (ramp-up order): whether it is connected now, and how
+    /// churn tells it to close and reconnect.
+    churn: Vec<(std::sync::atomic::AtomicBool, tokio::sync::Notify)>,
+    reconnects: Mutex<Reconnects>,
 }
 
 /// Devices per user, and the users whose devices ended since the last
@@ -133,13 +168,15 @@ struct PerUser {
 }
 
 impl State {
-    fn new(users: usize) -> State {
+    fn new(users: usize, devices: usize) -> State {
         State {
             counters: Counters::new(),
             open: AtomicU64::new(0),
             established: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             per_user: Mutex::new(PerUser { connected: vec![0; users], ready: false, closed: Vec::new() }),
+            churn: (0..devices).map(|_| Default::default()).collect(),
+            reconnects: Mutex::new(Reconnects::default()),
         }
     }
 
@@ -183,6 +220,7 @@ impl State {
             received: self.counters.received.swap(0, Ordering::Relaxed),
             latency: encode_histogram(&latency),
             closed: std::mem::take(&mut self.per_user.lock().closed),
+            reconnects: *self.reconnects.lock(),
         }
     }
 }
@@ -210,10 +248,12 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
         let url = slice.ring.owner(slot_of(&job.users[local])).expect("ring has members").url.clone();
         let source = Ipv4Addr::from(lo + (i as u32 % (hi - lo + 1)));
         let (slice, state, stop) = (slice.clone(), state.clone(), stop.clone());
+        let (user, run, recover) = (job.users[local].clone(), job.run, job.recover);
         devices.push(tokio::spawn(async move {
-            let ws = tokio::time::timeout(CONNECT_TIMEOUT, client::connect(source, &url, &slice.tokens[local])).await;
+            let token = &slice.tokens[local];
+            let ws = tokio::time::timeout(CONNECT_TIMEOUT, client::connect(source, &url, token)).await;
             drop(permit);
-            let ws = match ws {
+            let mut ws = match ws {
                 Ok(Ok(ws)) => ws,
                 Ok(Err(e)) => {
                     tracing::debug!("connect failed: {e:#}");
@@ -227,7 +267,41 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
                 }
             };
             state.opened(local);
-            let seqs = client::read_events(ws, i, job.run, &state.counters, &stop).await;
+            let (connected, churn) = &state.churn[i];
+            let mut seqs = Vec::new();
+            loop {
+                connected.store(true, Ordering::Relaxed);
+                let churn = recover.then_some(churn);
+                let ended = client::read_until(ws, i, run, &state.counters, &stop, churn, &mut seqs).await;
+                connected.store(false, Ordering::Relaxed);
+                if ended == Ended::Stopped || !recover {
+                    break;
+                }
+                // Reconnect and recover what was missed meanwhile.
+                state.open.fetch_sub(1, Ordering::Relaxed);
+                {
+                    let mut r = state.reconnects.lock();
+                    r.disconnects += 1;
+                    r.churned += u64::from(ended == Ended::Churned);
+                }
+                let moved = match ended {
+                    Ended::Moved(url) => Some(url),
+                    _ => None,
+                };
+                match reconnect(&slice, &user, token, source, moved, run, &seqs, &state, &stop).await {
+                    Some(w) => {
+                        ws = w;
+                        state.open.fetch_add(1, Ordering::Relaxed);
+                        state.reconnects.lock().connects += 1;
+                    }
+                    None => {
+                        // Stopped while reconnecting: not open, but still
+                        // counted once by `ended` below.
+                        state.open.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
             state.ended(local, global);
             Device { user: global, seqs }
         }));
@@ -237,6 +311,90 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     devices
+}
+
+/// Reconnects a device whose connection ended, with `?since=` the newest
+/// event it has (or the run's floor), first to `moved` (a 4001 reason),
+/// else to the owner, then to the other members, backing off between
+/// failures; `None` once the run stops.
+#[allow(clippy::too_many_arguments)]
+async fn reconnect(
+    slice: &Slice,
+    user: &str,
+    token: &str,
+    source: Ipv4Addr,
+    moved: Option<String>,
+    run: u64,
+    seqs: &[u32],
+    state: &State,
+    stop: &CancellationToken,
+) -> Option<client::Ws> {
+    let since = match seqs.iter().max() {
+        Some(&s) => client::event_id(run, s),
+        None => client::since_floor(run),
+    };
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 0.. {
+        let url = match (&moved, attempt) {
+            (Some(u), 0) => u.as_str(),
+            _ => slice.url(user, attempt),
+        };
+        let ws = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, client::connect_since(source, url, token, Some(&since))) => r,
+            _ = stop.cancelled() => return None,
+        };
+        match ws {
+            Ok(Ok(ws)) => return Some(ws),
+            Ok(Err(e)) => tracing::debug!("reconnect to {url} failed: {e:#}"),
+            Err(_) => tracing::debug!("reconnect to {url} timed out"),
+        }
+        state.reconnects.lock().failures += 1;
+        // Jitter, so the devices of a dead node do not retry in step.
+        let jitter = splitmix(u64::from(state.counters.received.load(Ordering::Relaxed) as u32) ^ attempt as u64 ^ seqs.len() as u64 ^ user.len() as u64);
+        let wait = backoff.mul_f64(0.5 + (jitter % 1000) as f64 / 1000.0);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return None,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    None
+}
+
+/// Closes and reconnects `per_s` connected devices per second, picked at
+/// random, until aborted.
+async fn churn_devices(state: Arc<State>, per_s: f64, seed: u64) {
+    let n = state.churn.len();
+    if n == 0 {
+        return;
+    }
+    let started = Instant::now();
+    let mut done = 0u64;
+    let mut x = seed;
+    let mut tick = tokio::time::interval(CHURN_TICK);
+    loop {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * per_s) as u64;
+        while done < due {
+            done += 1;
+            // A few tries to find a device that is connected now.
+            for _ in 0..8 {
+                x = splitmix(x);
+                let (connected, notify) = &state.churn[(x % n as u64) as usize];
+                if connected.load(Ordering::Relaxed) {
+                    notify.notify_one();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Ticks at whole unix seconds, so that the ticks of all workers of a run
