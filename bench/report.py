@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Writes BENCHMARKS.md from the JSON reports scripts/bench.sh collected.
+
+usage: bench/report.py RUN_DIR RESULTS_DIR OUT
+
+RUN_DIR holds <name>.json (loadtest reports), <name>.cmd (the command),
+<name>.load (uptime before the run), <name>.top (top during it),
+machine.env, throughput-<target>.best, latency.rate and
+rebalance.events.json. Only what was measured is written; a scenario that
+did not run is left out.
+"""
+
+import json
+import os
+import sys
+
+run_dir, results_dir, out = sys.argv[1:4]
+
+
+def load(name):
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f) if name.endswith(".json") else f.read().strip()
+
+
+env = dict(line.split("=", 1) for line in (load("machine.env") or "").splitlines() if "=" in line)
+lines = []
+w = lines.append
+
+
+def num(x, digits=0):
+    if x is None:
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def kib(x):
+    return "n/a" if x is None else f"{x / 1024:,.2f} KiB"
+
+
+def memory(r):
+    """(bytes per connection over all processes, connections, rss delta), PSS too for nginx."""
+    gws = r["gateways"]
+    conns = sum(g["connections"] for g in gws)
+    delta = sum(g["rss_after_bytes"] - g["rss_before_bytes"] for g in gws)
+    pss = None
+    if all(g.get("pss_after_bytes") is not None for g in gws):
+        pss = sum(g["pss_after_bytes"] - g["pss_before_bytes"] for g in gws) / max(conns, 1)
+    return (delta / conns if conns else None), conns, pss
+
+
+def run_block(name, title=None):
+    """The command, the load before it, and the headline figures of one run."""
+    r = load(name + ".json")
+    if r is None:
+        return None
+    if title:
+        w(f"**{title}**\n")
+    w("```sh")
+    w(load(name + ".cmd") or "")
+    w("```")
+    w(f"Load before the run: `{load(name + '.load')}`\n")
+    c, m, l = r["connections"], r["messages"], r["latency_ms"]
+    w("| figure | value |")
+    w("|---|---|")
+    w(f"| devices target / established / failed | {num(c['target'])} / {num(c['established'])} / {num(c['failed'])} |")
+    w(f"| connect rate | {num(r['connect_rate_per_s'])}/s over {r['ramp_up_s']:.1f} s, {r['workers']} workers |")
+    if r["events_published"]:
+        w(f"| events published (messages / requests) | {num(r['events_published'])} ({num(r['broker_messages_published'])}) |")
+        w(f"| deliveries expected / received / lost | {num(m['expected'])} / {num(m['received'])} / **{num(m['lost'])}** |")
+        w(f"| duplicates / unexpected | {num(m['duplicates'])} / {num(m['unexpected'])} |")
+        w(f"| deliveries per second | **{num(r['deliveries_per_s'])}** |")
+        w(f"| latency p50 / p90 / p99 / p99.9 / max (ms) | {l['p50']:.2f} / {l['p90']:.2f} / **{l['p99']:.2f}** / {l['p999']:.2f} / {l['max']:.2f} |")
+    if r.get("publish_errors"):
+        w(f"| publish errors | {num(r['publish_errors'])} |")
+    for g in r["gateways"]:
+        extra = ""
+        if g.get("pss_per_connection_bytes") is not None:
+            extra = f"; PSS {g['pss_before_bytes'] / 2**20:.1f} -> {g['pss_after_bytes'] / 2**20:.1f} MiB = {num(g['pss_per_connection_bytes'])} B/conn"
+        w(f"| memory `{g['node_id']}` | {num(g['connections'])} conns, RSS {g['rss_before_bytes'] / 2**20:.1f} -> {g['rss_after_bytes'] / 2**20:.1f} MiB = {num(g['rss_per_connection_bytes'])} B/conn{extra} |")
+    rc = r.get("reconnects") or {}
+    if rc.get("disconnects") or rc.get("churn_requested_per_s"):
+        if rc.get("churn_requested_per_s"):
+            w(f"| churn asked / done | {num(rc['churn_requested_per_s'])}/s / {num(rc['churned'])} closed = **{num(rc['churned_per_s'])}/s** over {rc['window_s']:.1f} s of publishing |")
+        w(f"| connections ended and retried / reconnected | {num(rc['disconnects'])} ({num(rc['disconnects_per_s'])}/s) / {num(rc['connects'])} ({num(rc['connects_per_s'])}/s) |")
+        w(f"| failed reconnection attempts | {num(rc['failures'])} |")
+    if r.get("close_codes"):
+        w(f"| close codes from the server | {', '.join(f'{k}: {v}' for k, v in r['close_codes'].items())} |")
+    w("")
+    return r
+
+
+def charts(result):
+    d = os.path.join(results_dir, result)
+    if not os.path.isdir(d):
+        return
+    files = [f for f in ("connections.svg", "deliveries.svg", "latency.svg") if os.path.exists(os.path.join(d, f))]
+    w(" ".join(f"![{result} {f[:-4]}]({d}/{f})" for f in files))
+    w("")
+
+
+quick = env.get("quick") == "1"
+w("# Benchmarks")
+w("")
+if quick:
+    w("> **Smoke run (`scripts/bench.sh --quick`)**: small sizes, only to check that the suite works. Not the product's figures.")
+    w("")
+w("Produced by `scripts/bench.sh` (re-run it to refresh this file; `--quick` for a smoke run, `--only` for some scenarios).")
+w("It builds release, starts its own gateway nodes (own RabbitMQ vhost, own membership key) and nginx + Nchan,")
+w("runs each scenario with `target/release/loadtest run ... --json`, and stops everything it started.")
+w("Broker, gateways or nginx, and the load generator all share the same machine and its cores, over loopback.")
+w("Loss is counted per (event, device) pair, never assumed (see `loadtest/README.md`).")
+w("")
+w("## Machine")
+w("")
+w("| | |")
+w("|---|---|")
+w(f"| CPU | {env.get('nproc', '?')} cores, {env.get('cpu', '?')} |")
+w(f"| memory | {int(env.get('memory', 0)) / 2**30:.1f} GiB |")
+w(f"| kernel | {env.get('kernel', '?')} |")
+w(f"| open files per process (hard) | {env.get('nofile', '?')} |")
+w(f"| rustc | {env.get('rustc', '?')} |")
+w(f"| date (UTC) | {env.get('date', '?')} |")
+w(f"| commit | {env.get('commit', '?')} |")
+w(f"| gateway nodes | {env.get('hold_nodes', '?')} processes for hold, {env.get('nodes', '?')} for the rest (release build) |")
+w(f"| nginx + Nchan | {env.get('hold_nginx_workers', '?')} workers for hold, {env.get('nginx_workers', '?')} for the rest |")
+w("")
+w("The load average before each run is given with it: other work on the machine (builds, tests) makes figures noisy.")
+w("")
+
+# ---- gather the headline figures
+hold_g, hold_n = load("hold-gateway.json"), load("hold-nchan.json")
+best = {t: load(f"throughput-{t}.best") for t in ("gateway", "nchan")}
+best_r = {t: (load(f"throughput-{t}-{best[t]}.json") if best[t] else None) for t in best}
+lat_g, lat_n = load("latency-gateway.json"), load("latency-nchan.json")
+churn = load("churn.json")
+rb = load("rebalance.json")
+rb_ev = load("rebalance.events.json")
+
+
+def recovery_seconds(r, ev):
+    """Seconds from the kill until every device was connected again (1 s resolution)."""
+    if not r or not ev:
+        return None
+    target = r["connections"]["established"]
+    kill = ev["kill_s"]
+    after = [p for p in r["series"] if p["t_s"] >= kill]
+    dipped = False
+    for p in after:
+        if p["connections"] < target:
+            dipped = True
+        elif dipped:
+            return p["t_s"] - kill
+    return 0.0 if not dipped else None
+
+
+# ---- targets
+w("## Product targets")
+w("")
+w("| target | measured | met? |")
+w("|---|---|---|")
+if hold_g:
+    per, conns, _ = memory(hold_g)
+    w(f"| >= 200,000 concurrent authenticated connections on one host | {num(hold_g['connections']['established'])} held over {len(hold_g['gateways'])} nodes ({num(hold_g['connections']['failed'])} failed); 200,000 not attempted by this suite | {'not shown' if hold_g['connections']['established'] < 200_000 else 'yes'} |")
+    w(f"| <= 4 KiB gateway RSS per idle connection | {kib(per)} (all nodes: RSS growth / connections) | {'yes' if per is not None and per <= 4096 else 'no'} |")
+if best_r.get("gateway"):
+    r = best_r["gateway"]
+    w(f"| >= 250,000 deliveries/s with zero loss | {num(r['deliveries_per_s'])}/s (highest zero-loss step of the sweep, {best['gateway']} events/s x {env.get('tp_fanout')} recipients) | {'yes' if r['deliveries_per_s'] >= 250_000 else 'no'} |")
+elif load("throughput-gateway.best") is not None:
+    w("| >= 250,000 deliveries/s with zero loss | no step of the sweep was free of loss | no |")
+if lat_g:
+    w(f"| p99 publish-to-device < 20 ms at half that rate | p99 {lat_g['latency_ms']['p99']:.2f} ms at {num(lat_g['deliveries_per_s'])} deliveries/s, {num(lat_g['messages']['lost'])} lost | {'yes' if lat_g['latency_ms']['p99'] < 20 and lat_g['messages']['lost'] == 0 else 'no'} |")
+if rb:
+    rec = recovery_seconds(rb, rb_ev)
+    lost = rb["messages"]["lost"]
+    ok = rec is not None and rec <= 6 and lost == 0
+    w(f"| a dead node's users served again within 6 s, nothing lost | every device connected again {num(rec, 0) if rec is not None else 'never'} s after the SIGKILL; {num(lost)} deliveries lost | {'yes' if ok else 'no'} |")
+w("")
+
+# ---- ratios
+w("## Side by side with nginx + Nchan (ours / theirs)")
+w("")
+if hold_n or best_r.get("nchan") or lat_n:
+    w("Same devices (same client code, same source addresses), same accounting; Nchan gets one channel per user and one")
+    w("HTTP publish per event (up to 255 channels per request), where we publish one RabbitMQ message per owner node.")
+    w("")
+    w("| figure | ours | nginx + Nchan | ratio (ours / theirs) |")
+    w("|---|---|---|---|")
+    if hold_g and hold_n:
+        pg, _, _ = memory(hold_g)
+        pn, _, pssn = memory(hold_n)
+        w(f"| memory per idle connection (RSS) | {kib(pg)} | {kib(pn)} | {pg / pn:.2f} |" if pg and pn else "| memory per idle connection | n/a | n/a | n/a |")
+        if pssn:
+            w(f"| memory per idle connection (theirs as PSS: shared memory counted once) | {kib(pg)} | {kib(pssn)} | {pg / pssn:.2f} |")
+        w(f"| connections held | {num(hold_g['connections']['established'])} | {num(hold_n['connections']['established'])} | |")
+    if best_r.get("gateway") or best_r.get("nchan") or best.get("nchan") is not None:
+        g = best_r.get("gateway")
+        n = best_r.get("nchan")
+        gv = g["deliveries_per_s"] if g else None
+        nv = n["deliveries_per_s"] if n else None
+        ratio = f"{gv / nv:.2f}" if gv and nv else "n/a"
+        w(f"| max delivery rate with zero loss (sweep steps {env.get('tp_rates')} events/s x {env.get('tp_fanout')}) | {num(gv)}/s | {num(nv)}/s | {ratio} |")
+    if lat_g and lat_n:
+        a, b = lat_g["latency_ms"]["p99"], lat_n["latency_ms"]["p99"]
+        w(f"| p99 latency at {load('latency.rate')} events/s x {env.get('tp_fanout')} | {a:.2f} ms | {b:.2f} ms | {a / b:.2f} |" if b else "")
+        w(f"| loss at that rate | {num(lat_g['messages']['lost'])} | {num(lat_n['messages']['lost'])} | |")
+    w("")
+else:
+    w("Not run this time (`--no-nchan`, or only other scenarios).")
+    w("")
+
+# ---- scenarios
+if hold_g or hold_n:
+    w("## 1. Hold: idle authenticated connections, memory per connection")
+    w("")
+    w("Devices connect (one WebSocket each, JWT-authenticated on our side), stay idle for the settle time (longer than")
+    w("the 20 s ping interval, so keepalives are paid for), then memory is read: each gateway's `gateway_process_rss_bytes`,")
+    w("or nginx's master + workers from `/proc` (RSS, and PSS where shared memory is counted once).")
+    w("")
+    if run_block("hold-gateway", "Our gateways"):
+        charts("hold-gateway")
+    if run_block("hold-nchan", "nginx + Nchan"):
+        charts("hold-nchan")
+
+if any(best.values()) or any(load(f) for f in os.listdir(run_dir) if f.startswith("throughput-") and f.endswith(".json")):
+    w("## 2. Fan-out throughput: highest delivery rate with zero loss")
+    w("")
+    w(f"A sweep of event rates ({env.get('tp_rates')} events/s, {env.get('tp_fanout')} recipients each); it stops at the")
+    w("first step that loses anything; the highest step with zero loss is kept. Every step:")
+    w("")
+    for t in ("gateway", "nchan"):
+        steps = []
+        for rate in (env.get("tp_rates") or "").split():
+            r = load(f"throughput-{t}-{rate}.json")
+            if r:
+                steps.append((rate, r))
+        if not steps:
+            continue
+        w(f"**{'Our gateways' if t == 'gateway' else 'nginx + Nchan'}**\n")
+        w("| events/s | deliveries/s | lost | duplicates | p50 ms | p99 ms | p99.9 ms | max ms | load before |")
+        w("|---|---|---|---|---|---|---|---|---|")
+        for rate, r in steps:
+            l = r["latency_ms"]
+            w(f"| {rate} | {num(r['deliveries_per_s'])} | {num(r['messages']['lost'])} | {num(r['messages']['duplicates'])} | {l['p50']:.2f} | {l['p99']:.2f} | {l['p999']:.2f} | {l['max']:.2f} | {(load(f'throughput-{t}-{rate}.load') or '').split('load average:')[-1].strip()} |")
+        w("")
+        if best[t]:
+            w(f"Highest zero-loss step: {best[t]} events/s. Its run:\n")
+            run_block(f"throughput-{t}-{best[t]}")
+            charts(f"throughput-{t}")
+            top = load(f"throughput-{t}-{best[t]}.top")
+            if top:
+                w("Where the CPU went in the middle of that run (`top`, 2 s sample):\n")
+                w("```")
+                w(top)
+                w("```")
+                w("")
+        else:
+            w("No step was free of loss.\n")
+
+if lat_g or lat_n:
+    w("## 3. Latency at half the highest zero-loss rate")
+    w("")
+    w(f"{load('latency.rate')} events/s x {env.get('tp_fanout')} recipients for both (half our best zero-loss rate).")
+    w("")
+    if run_block("latency-gateway", "Our gateways"):
+        charts("latency-gateway")
+    if run_block("latency-nchan", "nginx + Nchan"):
+        charts("latency-nchan")
+
+if churn:
+    w("## 4. Churn: connects and disconnects while events flow")
+    w("")
+    w("Workers close random connected devices (`--churn` per second, all workers together); each reconnects at once with")
+    w("`?since=<newest event id it has>`, and the publisher writes every event into its recipients' feed caches before")
+    w("publishing it (as the backend does), so a device stays expected for every event of the run: what it missed while")
+    w("reconnecting must come back through recovery, or it counts as lost. Replays that overlap live delivery show up as")
+    w("duplicates (same event id), which clients drop.")
+    w("")
+    run_block("churn")
+    charts("churn")
+
+if rb:
+    w("## 5. Rebalance under load: a node joins, another is killed")
+    w("")
+    w("4 nodes, devices with `--recover` (reconnect on close with `?since=`, to the 4001 reason's URL when moved, else to")
+    w("the owner and then the other nodes, which proxy), events written to the feed caches first. During the run a 5th node")
+    w("joins, then one of the first four is SIGKILLed.")
+    w("")
+    if rb_ev:
+        w(f"Join at {rb_ev['join_s']:.1f} s, SIGKILL at {rb_ev['kill_s']:.1f} s after the load generator started (the charts' time axis).")
+        rec = recovery_seconds(rb, rb_ev)
+        w(f"Every device was connected again {num(rec, 0) if rec is not None else 'never'} s after the kill (1 s resolution, from the per-second series).")
+        w("")
+    run_block("rebalance")
+    charts("rebalance")
+
+w("## Notes")
+w("")
+w("- Figures are from one run on a shared 2-core machine; the load average before each run says how busy it was.")
+w("- Memory per connection is (RSS after ramp-up and settle - RSS before) / connections, per process, summed over processes.")
+w("- nginx RSS counts Nchan's shared memory in every worker that touched it; PSS divides shared pages among processes.")
+w("- The load generator's workers, the broker (RabbitMQ), Redis and the servers all run on the same cores.")
+
+with open(out, "w") as f:
+    f.write("\n".join(lines) + "\n")
