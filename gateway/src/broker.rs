@@ -334,7 +334,7 @@ pub(crate) fn dispatch(gw: &Gateway, delivery: &Delivery, source: Source) -> Opt
     let me = ring.index_of(gw.config.node_id());
     // Encoded once; every device gets the same bytes.
     let item = Queued { frame: frame::text(msg.event.get().as_bytes()), published_at_us };
-    let (mut offline, mut dropped, mut slow) = (0u64, 0u64, 0u64);
+    let (mut offline, mut dropped, mut slow, mut written) = (0u64, 0u64, 0u64, 0usize);
     let mut republish = Vec::new();
     for user in &msg.recipients {
         let slot = slot_of(user);
@@ -348,11 +348,18 @@ pub(crate) fn dispatch(gw: &Gateway, delivery: &Delivery, source: Source) -> Opt
             gw.metrics.misrouted.increment(1);
         }
         let d = gw.sessions.deliver_registered_before(user, &item, cutoff_us);
-        if d.queued == 0 && d.dropped == 0 {
+        if d.written == 0 && d.queued == 0 && d.dropped == 0 {
             offline += 1;
         }
+        written += d.written;
         dropped += d.dropped as u64;
         slow += d.slow_closed as u64;
+    }
+    if written > 0 {
+        // Written straight from here: counted as the writer counts its own.
+        gw.metrics.delivered.increment(written as u64);
+        let latency = event::now_micros().saturating_sub(published_at_us) as f64 / 1e6;
+        gw.metrics.latency.record_many(latency, written);
     }
     gw.metrics.recipients_offline.increment(offline);
     gw.metrics.dropped_slow.increment(dropped);

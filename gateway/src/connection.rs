@@ -86,6 +86,10 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
         // as its largest await state, and idle devices must stay small.
         Box::pin(recover(&gw, &device, &since)).await;
     }
+    // Shared: the writer task writes what is queued, and `Outbox::push`
+    // writes an event itself when nothing is.
+    let wr = Arc::new(wr);
+    device.outbox.attach(wr.clone());
     let mut writer = tokio::spawn(write_loop(gw.clone(), wr, device.clone()));
 
     let mut reader = FrameReader::new(gw.config.max_client_frame);
@@ -196,7 +200,15 @@ async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
 
 /// Writes the device's frames until it is closed. Returns whether a close
 /// frame was written (so the peer deserves a linger).
-async fn write_loop(gw: Arc<Gateway>, mut wr: OwnedWriteHalf, device: Arc<Device>) -> bool {
+async fn write_loop(gw: Arc<Gateway>, wr: Arc<OwnedWriteHalf>, device: Arc<Device>) -> bool {
+    let wrote_close = write_batches(&gw, &wr, &device).await;
+    // The last handles on the write half: dropping it sends FIN.
+    drop(device.outbox.detach());
+    drop(wr);
+    wrote_close
+}
+
+async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> bool {
     loop {
         let Batch { mut frames, control, close } = device.outbox.take().await;
         let n = frames.len();
@@ -204,7 +216,7 @@ async fn write_loop(gw: Arc<Gateway>, mut wr: OwnedWriteHalf, device: Arc<Device
         // without building vectors.
         if n == 1 && control.is_empty() && close.is_none() {
             let Queued { frame, published_at_us } = frames.pop_front().expect("one frame");
-            if let Err(e) = write_one(&mut wr, frame).await {
+            if let Err(e) = write_one(wr, frame).await {
                 tracing::debug!(device = device.id, "write failed: {e}");
                 gw.metrics.write_failed.increment(1);
                 device.outbox.close(Close::Abort);
@@ -220,7 +232,7 @@ async fn write_loop(gw: Arc<Gateway>, mut wr: OwnedWriteHalf, device: Arc<Device
         if let Some(Close::Frame { code, reason }) = &close {
             bufs.push(frame::close(*code, reason));
         }
-        if let Err(e) = Box::pin(write_all(&mut wr, &mut bufs)).await {
+        if let Err(e) = Box::pin(write_all(wr, &mut bufs)).await {
             tracing::debug!(device = device.id, "write failed: {e}");
             gw.metrics.write_failed.increment(n as u64);
             device.outbox.close(Close::Abort);
@@ -236,17 +248,14 @@ async fn write_loop(gw: Arc<Gateway>, mut wr: OwnedWriteHalf, device: Arc<Device
         match close {
             None => {}
             Some(Close::Abort) => return false,
-            Some(Close::Frame { .. }) => {
-                let _ = wr.shutdown().await;
-                return true;
-            }
+            Some(Close::Frame { .. }) => return true,
         }
     }
 }
 
 /// Writes every buffer, `MAX_IOVECS` per syscall, each write bounded by
 /// the stall timeout.
-async fn write_all(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
+async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
     let mut start = 0;
     while start < bufs.len() {
         let end = (start + MAX_IOVECS).min(bufs.len());
@@ -254,9 +263,9 @@ async fn write_all(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Resu
         // Try first: a socket with room (nearly always) needs no timer.
         let written = match wr.try_write_vectored(&slices) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                Box::pin(tokio::time::timeout(WRITE_STALL_TIMEOUT, wr.write_vectored(&slices)))
-                    .await
-                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))??
+                drop(slices);
+                wait_writable(wr).await?;
+                continue;
             }
             other => other?,
         };
@@ -283,16 +292,23 @@ async fn write_all(wr: &mut OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Resu
 
 /// Writes one buffer: straight away if the socket has room, else waiting
 /// at most the stall timeout.
-async fn write_one(wr: &mut OwnedWriteHalf, mut buf: Bytes) -> std::io::Result<()> {
-    match wr.try_write(&buf) {
-        Ok(n) if n == buf.len() => Ok(()),
-        Ok(n) => {
-            buf.advance(n);
-            Box::pin(write_with_timeout(wr, &buf)).await
+async fn write_one(wr: &OwnedWriteHalf, mut buf: Bytes) -> std::io::Result<()> {
+    loop {
+        match wr.try_write(&buf) {
+            Ok(n) if n == buf.len() => return Ok(()),
+            Ok(n) => buf.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_writable(wr).await?,
+            Err(e) => return Err(e),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Box::pin(write_with_timeout(wr, &buf)).await,
-        Err(e) => Err(e),
     }
+}
+
+/// Waits until the socket takes more, at most the stall timeout. Boxed:
+/// rare, and the timer would otherwise sit in every writer's state.
+async fn wait_writable(wr: &OwnedWriteHalf) -> std::io::Result<()> {
+    Box::pin(tokio::time::timeout(WRITE_STALL_TIMEOUT, wr.writable()))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))?
 }
 
 async fn write_with_timeout(wr: &mut OwnedWriteHalf, buf: &[u8]) -> std::io::Result<()> {

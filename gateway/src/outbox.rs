@@ -1,14 +1,21 @@
 //! A device's bounded send queue, shared by the producers (broker consumer,
 //! pinger, reader) and the device's one writer task.
 //!
+//! When nothing is queued and the writer is not writing, `push` writes the
+//! frame to the socket itself (non-blocking): most events then cost one
+//! syscall and no task wake-up. Anything the socket does not take at once
+//! is queued for the writer, in order.
+//!
 //! Not a tokio mpsc channel: that allocates a block of slots per channel up
 //! front, and an idle device should cost nothing. An empty `VecDeque`
 //! allocates nothing; the writer takes the whole queue in one swap.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 /// An encoded event frame and when it was published (unix microseconds).
@@ -30,6 +37,8 @@ pub enum Close {
 /// What a push did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Push {
+    /// Written to the socket whole, by the caller's thread.
+    Written,
     Queued,
     /// The queue was full: it was dropped and the device is being closed
     /// with 4008. Carries the number of frames dropped (including this one).
@@ -54,6 +63,11 @@ struct State {
     close: Option<Close>,
     /// Set once the writer has taken the close: nothing more is accepted.
     finished: bool,
+    /// The writer holds a batch: pushes must queue behind it.
+    writing: bool,
+    /// The socket, for writes straight from `push` (none in unit tests and
+    /// once the writer is done).
+    sock: Option<Arc<OwnedWriteHalf>>,
 }
 
 #[derive(Debug)]
@@ -71,9 +85,20 @@ impl Outbox {
         Outbox { state: Mutex::new(State::default()), wake: Notify::new(), capacity }
     }
 
-    /// Queues an event frame. Never blocks: a full queue closes the device
-    /// instead of slowing the producer (and so every other device).
-    pub fn push(&self, item: Queued) -> Push {
+    /// Lets `push` write to `sock` directly.
+    pub fn attach(&self, sock: Arc<OwnedWriteHalf>) {
+        self.state.lock().sock = Some(sock);
+    }
+
+    /// Takes the socket back (the writer is done with the connection).
+    pub fn detach(&self) -> Option<Arc<OwnedWriteHalf>> {
+        self.state.lock().sock.take()
+    }
+
+    /// Writes an event frame, or queues it. Never blocks: a full queue
+    /// closes the device instead of slowing the producer (and so every
+    /// other device).
+    pub fn push(&self, item: &Queued) -> Push {
         let mut s = self.state.lock();
         if s.close.is_some() || s.finished {
             return Push::Closed;
@@ -87,7 +112,30 @@ impl Outbox {
             return Push::Overflow(dropped);
         }
         let was_empty = s.frames.is_empty() && s.control.is_empty();
-        s.frames.push_back(item);
+        if was_empty
+            && !s.writing
+            && let Some(sock) = &s.sock
+        {
+            // Under the lock, so that nothing can be written in between.
+            match sock.try_write(&item.frame) {
+                Ok(n) if n == item.frame.len() => return Push::Written,
+                Ok(n) => {
+                    let mut rest = item.clone();
+                    rest.frame.advance(n);
+                    s.frames.push_back(rest);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => s.frames.push_back(item.clone()),
+                Err(_) => {
+                    // The peer is gone; the writer ends the connection.
+                    s.close.get_or_insert(Close::Abort);
+                    drop(s);
+                    self.wake.notify_one();
+                    return Push::Closed;
+                }
+            }
+        } else {
+            s.frames.push_back(item.clone());
+        }
         drop(s);
         // The writer only sleeps on an empty queue, so only the first push
         // after it emptied needs to wake it.
@@ -165,6 +213,7 @@ impl Outbox {
             {
                 let mut s = self.state.lock();
                 if !s.frames.is_empty() || !s.control.is_empty() || s.close.is_some() {
+                    s.writing = true;
                     let close = s.close.take();
                     if close.is_some() {
                         s.finished = true;
@@ -175,6 +224,7 @@ impl Outbox {
                         close,
                     };
                 }
+                s.writing = false;
             }
             self.wake.notified().await;
         }
@@ -192,20 +242,20 @@ mod tests {
     #[tokio::test]
     async fn overflow_drops_the_queue_and_asks_for_4008() {
         let o = Outbox::new(2);
-        assert_eq!(o.push(item(1)), Push::Queued);
-        assert_eq!(o.push(item(2)), Push::Queued);
-        assert_eq!(o.push(item(3)), Push::Overflow(3));
-        assert_eq!(o.push(item(4)), Push::Closed);
+        assert_eq!(o.push(&item(1)), Push::Queued);
+        assert_eq!(o.push(&item(2)), Push::Queued);
+        assert_eq!(o.push(&item(3)), Push::Overflow(3));
+        assert_eq!(o.push(&item(4)), Push::Closed);
         let b = o.take().await;
         assert!(b.frames.is_empty());
         assert_eq!(b.close, Some(Close::Frame { code: 4008, reason: "slow consumer".into() }));
-        assert_eq!(o.push(item(5)), Push::Closed);
+        assert_eq!(o.push(&item(5)), Push::Closed);
     }
 
     #[tokio::test]
     async fn close_keeps_queued_frames_and_first_reason_wins() {
         let o = Outbox::new(8);
-        o.push(item(1));
+        o.push(&item(1));
         o.close(Close::Frame { code: 1001, reason: "bye".into() });
         o.close(Close::Abort);
         let b = o.take().await;
@@ -219,7 +269,7 @@ mod tests {
         let o2 = o.clone();
         let t = tokio::spawn(async move { o2.take().await.frames.len() });
         tokio::task::yield_now().await;
-        o.push(item(1));
+        o.push(&item(1));
         assert_eq!(t.await.unwrap(), 1);
     }
 }

@@ -32,6 +32,8 @@ pub struct Device {
 /// What delivering one frame to one user did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
+    /// Written to the socket at once (see `outbox`).
+    pub written: usize,
     pub queued: usize,
     pub dropped: usize,
     pub slow_closed: usize,
@@ -117,7 +119,8 @@ impl Sessions {
             return out;
         };
         for d in devices.iter().filter(|d| d.registered_at_us < cutoff_us) {
-            match d.outbox.push(item.clone()) {
+            match d.outbox.push(item) {
+                Push::Written => out.written += 1,
                 Push::Queued => out.queued += 1,
                 Push::Overflow(n) => {
                     out.dropped += n;
