@@ -167,9 +167,9 @@ if hold_g:
     w(f"| <= 4 KiB gateway RSS per idle connection | {kib(per)} (all nodes: RSS growth / connections) | {'yes' if per is not None and per <= 4096 else 'no'} |")
 if best_r.get("gateway"):
     r = best_r["gateway"]
-    w(f"| >= 250,000 deliveries/s with zero loss | {num(r['deliveries_per_s'])}/s (highest zero-loss step of the sweep, {best['gateway']} events/s x {env.get('tp_fanout')} recipients) | {'yes' if r['deliveries_per_s'] >= 250_000 else 'no'} |")
+    w(f"| >= 250,000 deliveries/s with zero loss | {num(r['deliveries_per_s'])}/s (highest step of the sweep held with zero loss, {best['gateway']} events/s x {env.get('tp_fanout')} recipients) | {'yes' if r['deliveries_per_s'] >= 250_000 else 'no'} |")
 elif load("throughput-gateway.best") is not None:
-    w("| >= 250,000 deliveries/s with zero loss | no step of the sweep was free of loss | no |")
+    w("| >= 250,000 deliveries/s with zero loss | no step of the sweep held its rate | no |")
 if lat_g:
     w(f"| p99 publish-to-device < 20 ms at half that rate | p99 {lat_g['latency_ms']['p99']:.2f} ms at {num(lat_g['deliveries_per_s'])} deliveries/s, {num(lat_g['messages']['lost'])} lost | {'yes' if lat_g['latency_ms']['p99'] < 20 and lat_g['messages']['lost'] == 0 else 'no'} |")
 if rb:
@@ -201,11 +201,14 @@ if hold_n or best_r.get("nchan") or lat_n:
         gv = g["deliveries_per_s"] if g else None
         nv = n["deliveries_per_s"] if n else None
         ratio = f"{gv / nv:.2f}" if gv and nv else "n/a"
-        w(f"| max delivery rate with zero loss (sweep steps {env.get('tp_rates')} events/s x {env.get('tp_fanout')}) | {num(gv)}/s | {num(nv)}/s | {ratio} |")
+        w(f"| max delivery rate held with zero loss (sweep steps {env.get('tp_rates')} events/s x {env.get('tp_fanout')}) | {num(gv)}/s | {num(nv) + '/s' if nv else 'no step held'} | {ratio} |")
     if lat_g and lat_n:
         a, b = lat_g["latency_ms"]["p99"], lat_n["latency_ms"]["p99"]
         w(f"| p99 latency at {load('latency.rate')} events/s x {env.get('tp_fanout')} | {a:.2f} ms | {b:.2f} ms | {a / b:.2f} |" if b else "")
         w(f"| loss at that rate | {num(lat_g['messages']['lost'])} | {num(lat_n['messages']['lost'])} | |")
+        for who, r in (("ours", lat_g), ("Nchan", lat_n)):
+            if r["messages"]["lost"] or r["deliveries_per_s"] < 0.9 * r["params"]["rate"] * r["params"]["fanout"]:
+                w(f"\n{who}: that rate is beyond what it held in the sweep, so its p99 there is a saturated figure.")
     w("")
 else:
     w("Not run this time (`--no-nchan`, or only other scenarios).")
@@ -227,8 +230,10 @@ if hold_g or hold_n:
 if any(best.values()) or any(load(f) for f in os.listdir(run_dir) if f.startswith("throughput-") and f.endswith(".json")):
     w("## 2. Fan-out throughput: highest delivery rate with zero loss")
     w("")
-    w(f"A sweep of event rates ({env.get('tp_rates')} events/s, {env.get('tp_fanout')} recipients each); it stops at the")
-    w("first step that loses anything; the highest step with zero loss is kept. Every step:")
+    w(f"A sweep of event rates ({env.get('tp_rates')} events/s, {env.get('tp_fanout')} recipients each). A step holds its rate")
+    w("when nothing is lost, every device connected, >= 95% of its events were published and >= 90% of its nominal")
+    w("deliveries per second arrived; the sweep stops at the first step that does not, and keeps the highest that did.")
+    w("Every step run:")
     w("")
     for t in ("gateway", "nchan"):
         steps = []
@@ -239,11 +244,13 @@ if any(best.values()) or any(load(f) for f in os.listdir(run_dir) if f.startswit
         if not steps:
             continue
         w(f"**{'Our gateways' if t == 'gateway' else 'nginx + Nchan'}**\n")
-        w("| events/s | deliveries/s | lost | duplicates | p50 ms | p99 ms | p99.9 ms | max ms | load before |")
-        w("|---|---|---|---|---|---|---|---|---|")
+        w("| events/s asked | events/s published | deliveries/s | lost | p50 ms | p99 ms | p99.9 ms | max ms | held? | load before |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
         for rate, r in steps:
             l = r["latency_ms"]
-            w(f"| {rate} | {num(r['deliveries_per_s'])} | {num(r['messages']['lost'])} | {num(r['messages']['duplicates'])} | {l['p50']:.2f} | {l['p99']:.2f} | {l['p999']:.2f} | {l['max']:.2f} | {(load(f'throughput-{t}-{rate}.load') or '').split('load average:')[-1].strip()} |")
+            secs = r["params"].get("duration_s") or 1
+            verdict = load(f"throughput-{t}-{rate}.verdict") or "?"
+            w(f"| {rate} | {num(r['events_published'] / secs)} | {num(r['deliveries_per_s'])} | {num(r['messages']['lost'])} | {l['p50']:.2f} | {l['p99']:.2f} | {l['p999']:.2f} | {l['max']:.2f} | {'yes' if verdict == 'ok' else 'no: ' + verdict} | {(load(f'throughput-{t}-{rate}.load') or '').split('load average:')[-1].strip()} |")
         w("")
         if best[t]:
             w(f"Highest zero-loss step: {best[t]} events/s. Its run:\n")
@@ -257,7 +264,7 @@ if any(best.values()) or any(load(f) for f in os.listdir(run_dir) if f.startswit
                 w("```")
                 w("")
         else:
-            w("No step was free of loss.\n")
+            w("No step held its rate.\n")
 
 if lat_g or lat_n:
     w("## 3. Latency at half the highest zero-loss rate")
@@ -302,6 +309,10 @@ w("- Figures are from one run on a shared 2-core machine; the load average befor
 w("- Memory per connection is (RSS after ramp-up and settle - RSS before) / connections, per process, summed over processes.")
 w("- nginx RSS counts Nchan's shared memory in every worker that touched it; PSS divides shared pages among processes.")
 w("- The load generator's workers, the broker (RabbitMQ), Redis and the servers all run on the same cores.")
+w("- A sweep's resolution is its steps: the real limit lies between the highest step held and the next one (whose")
+w("  deliveries/s, in the table, is what the system did while saturated).")
+w("- Rebalance: devices of the killed node cannot be served until the survivors drop it (heartbeat timeout, 5 s) and bind")
+w("  its slots; their events wait in the broker or the feed cache meanwhile, which is what the latency tail shows.")
 
 with open(out, "w") as f:
     f.write("\n".join(lines) + "\n")

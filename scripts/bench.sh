@@ -59,7 +59,7 @@ else
   # 5 nodes: the ring does not split users exactly evenly, and a node
   # refuses connections beyond 19,500 (20,000 open files per process).
   HOLD_USERS=70000; HOLD_NODES=5; HOLD_WORKERS=5; HOLD_SETTLE=25; HOLD_SECS=5; HOLD_NGINX_WORKERS=5
-  TP_USERS=20000; TP_FANOUT=100; TP_RATES="500 1000 1500 2000 2500"; TP_SECS=10
+  TP_USERS=20000; TP_FANOUT=100; TP_RATES="250 500 750 1000 1250 1500 2000 2500"; TP_SECS=10
   LAT_SECS=20
   CHURN_USERS=20000; CHURN_RATE=200; CHURN_FANOUT=50; CHURN_PER_S=1000; CHURN_SECS=20
   RB_USERS=20000; RB_RATE=200; RB_FANOUT=50; RB_SECS=40; RB_JOIN_AT=8; RB_KILL_AT=20
@@ -205,7 +205,23 @@ lt() { # name args...
   [ -s "$BENCH/$name.json" ] || die "loadtest $name wrote no report"
 }
 
-lost_of() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["messages"]["lost"] + r["connections"]["failed"] + r.get("publish_errors",0))' "$BENCH/$1.json"; }
+# Whether a sweep step held its rate: nothing lost, every device connected,
+# no publish error, >= 95% of the events published, and >= 90% of the
+# nominal deliveries per second. Prints "ok" or why not.
+sustained() { # name rate
+  python3 - "$BENCH/$1.json" "$2" "$TP_SECS" "$TP_FANOUT" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+rate, secs, fanout = float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+why = []
+if r["messages"]["lost"]: why.append(f"{r['messages']['lost']} lost")
+if r["connections"]["failed"]: why.append(f"{r['connections']['failed']} devices failed")
+if r.get("publish_errors"): why.append(f"{r['publish_errors']} publish errors")
+if r["events_published"] < 0.95 * rate * secs: why.append(f"published {r['events_published'] / secs:.0f} events/s of {rate:.0f}")
+if r["deliveries_per_s"] < 0.9 * rate * fanout: why.append(f"delivered {r['deliveries_per_s']:.0f}/s of {rate * fanout:.0f}")
+print("; ".join(why) or "ok")
+EOF
+}
 
 # A top snapshot (second sample of two, 2 s apart) in the middle of a run.
 top_during() { # name delay: sets TOP_PID
@@ -238,7 +254,9 @@ sweep() { # target-name extra-args...: the rate sweep, best rate in $BENCH/throu
     top_during "$name" $(( $(ramp_secs "$TP_USERS") + TP_SECS / 2 ))
     lt "$name" "$@" --users "$TP_USERS" --rate "$rate" --fanout "$TP_FANOUT" --duration "$TP_SECS" --drain "$DRAIN"
     wait "$TOP_PID" || true # the top snapshot
-    if [ "$(lost_of "$name")" = 0 ]; then best=$rate; else log "$name lost events: the sweep stops"; break; fi
+    verdict=$(sustained "$name" "$rate")
+    echo "$verdict" >"$BENCH/$name.verdict"
+    if [ "$verdict" = ok ]; then best=$rate; else log "$name did not hold its rate ($verdict): the sweep stops"; break; fi
   done
   echo "$best" >"$BENCH/throughput-$t.best"
 }
