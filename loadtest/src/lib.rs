@@ -12,6 +12,7 @@
 //! - [`client`]: one device: connect from a chosen source address, read events.
 //! - [`audience`]: who receives event `seq` (publisher and workers agree).
 //! - [`publisher`]: events at a target rate, one message per owner node.
+//! - [`pace`]: which event numbers are due, at a rate.
 //! - [`accounting`]: latency histograms, loss and duplicate counting.
 //! - [`series`]: per-second connections, deliveries and latency.
 //! - [`charts`]: SVG charts of the series.
@@ -28,6 +29,7 @@ pub mod discovery;
 pub mod e2e;
 pub mod metrics;
 pub mod nchan;
+pub mod pace;
 pub mod pool;
 pub mod progress;
 pub mod publisher;

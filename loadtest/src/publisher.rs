@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::Context;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use contract::event::{self, HEADER_PUBLISHED_AT};
 use contract::feedcache;
@@ -25,13 +25,12 @@ use tokio::sync::Semaphore;
 
 use crate::audience::Audience;
 use crate::client::{AUTHOR, event_id, post_text, run_event};
+use crate::pace::Pace;
 use crate::series::Series;
 
 /// Publisher confirms awaited concurrently; beyond this the publisher
 /// waits, so a saturated broker slows the rate rather than eating memory.
 const CONFIRM_WINDOW: usize = 4096;
-/// How often the publisher wakes to catch up with the target rate.
-const TICK: Duration = Duration::from_millis(2);
 
 pub struct Plan {
     pub users: Arc<Vec<String>>,
@@ -101,15 +100,11 @@ pub async fn run(
 
     let mut expected = Vec::new();
     let mut messages = 0u64;
-    let started = Instant::now();
+    let mut pace = Pace::new(plan.rate, plan.duration);
     let started_us = event::now_micros();
-    let mut tick = tokio::time::interval(TICK);
     let mut picked: Vec<usize> = Vec::new();
-    while plan.rate > 0.0 && started.elapsed() < plan.duration {
-        tick.tick().await;
-        let due = (started.elapsed().as_secs_f64() * plan.rate) as usize;
-        while expected.len() < due {
-            let seq = expected.len() as u32;
+    while let Some(due) = pace.due().await {
+        for seq in due {
             plan.audience.recipients(seq, &mut picked);
             let deliveries: u32 = picked.iter().map(|&u| connected[u].load(Ordering::Relaxed)).sum();
             expected.push(deliveries);
@@ -123,7 +118,7 @@ pub async fn run(
             series.lock().add_published(published_us.div_ceil(1_000_000), 1);
         }
     }
-    let elapsed = started.elapsed();
+    let elapsed = pace.elapsed();
     let errors = out.finish().await?;
     if errors > 0 {
         tracing::warn!(errors, "some publishes failed");

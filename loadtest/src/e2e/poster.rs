@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
 
 use contract::event;
 use hdrhistogram::Histogram;
@@ -16,6 +15,7 @@ use tokio::task::JoinSet;
 use super::api::Api;
 use crate::accounting::new_histogram;
 use crate::client::post_text;
+use crate::pace::Pace;
 use crate::publisher::{Plan, Published};
 use crate::series::Series;
 
@@ -23,8 +23,6 @@ use crate::series::Series;
 /// waits, so an overloaded backend lowers the achieved rate (reported)
 /// instead of piling up requests without bound.
 const MAX_POSTS_IN_FLIGHT: usize = 256;
-/// How often the poster wakes to catch up with the target rate.
-const TICK: Duration = Duration::from_millis(2);
 
 /// What the posting did, as the HTTP client saw it.
 pub struct Posts {
@@ -70,16 +68,16 @@ pub async fn run(
     let in_flight = Arc::new(Semaphore::new(MAX_POSTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
     let mut expected: Vec<u32> = Vec::new();
-    let started = Instant::now();
+    let mut pace = Pace::new(plan.rate, plan.duration);
     let started_us = event::now_micros();
-    let mut tick = tokio::time::interval(TICK);
     let mut picked: Vec<usize> = Vec::new();
-    while plan.rate > 0.0 && started.elapsed() < plan.duration {
-        tick.tick().await;
-        let due = (started.elapsed().as_secs_f64() * plan.rate) as usize;
-        while expected.len() < due && started.elapsed() < plan.duration {
+    while let Some(due) = pace.due().await {
+        for seq in due {
             let permit = in_flight.clone().acquire_owned().await.expect("semaphore is never closed");
-            let seq = expected.len() as u32;
+            // Waiting for a permit may have run past the end.
+            if pace.is_over() {
+                break;
+            }
             plan.audience.recipients(seq, &mut picked);
             expected.push(picked.iter().map(|&u| connected[u].load(Ordering::Relaxed)).sum());
             let token = author_tokens[plan.audience.author_of(seq) as usize].clone();
@@ -108,7 +106,7 @@ pub async fn run(
         // Reap finished requests so the set stays small on long runs.
         while tasks.try_join_next().is_some() {}
     }
-    let elapsed = started.elapsed();
+    let elapsed = pace.elapsed();
     while let Some(r) = tasks.join_next().await {
         r?;
     }
