@@ -337,10 +337,27 @@ async fn reconnect(
         None => client::since_floor(run),
     };
     let mut backoff = FIRST_BACKOFF;
+    // Members that refused the TCP connection (the process is gone) are
+    // skipped for the rest of this reconnection, and the next member is
+    // tried at once: a smart client does not wait on a dead address.
+    let members = slice.ring.members().len();
+    let mut refused: Vec<&str> = Vec::new();
+    let mut turn = 0;
     for attempt in 0.. {
         let url = match (&moved, attempt) {
             (Some(u), 0) => u.as_str(),
-            _ => slice.url(user, attempt),
+            _ => {
+                let mut u = slice.url(user, turn);
+                for _ in 0..members {
+                    if !refused.contains(&u) {
+                        break;
+                    }
+                    turn += 1;
+                    u = slice.url(user, turn);
+                }
+                turn += 1;
+                u
+            }
         };
         let ws = tokio::select! {
             r = tokio::time::timeout(CONNECT_TIMEOUT, client::connect_since(source, url, token, Some(&since))) => r,
@@ -348,7 +365,17 @@ async fn reconnect(
         };
         match ws {
             Ok(Ok(ws)) => return Some(ws),
-            Ok(Err(e)) => tracing::debug!("reconnect to {url} failed: {e:#}"),
+            Ok(Err(e)) => {
+                tracing::debug!("reconnect to {url} failed: {e:#}");
+                let was_refused = e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+                });
+                if was_refused && !refused.contains(&url) && refused.len() + 1 < members {
+                    refused.push(url);
+                    state.reconnects.lock().failures += 1;
+                    continue;
+                }
+            }
             Err(_) => tracing::debug!("reconnect to {url} timed out"),
         }
         state.reconnects.lock().failures += 1;
