@@ -171,7 +171,13 @@ if best_r.get("gateway"):
 elif load("throughput-gateway.best") is not None:
     w("| >= 250,000 deliveries/s with zero loss | no step of the sweep held its rate | no |")
 if lat_g:
-    w(f"| p99 publish-to-device < 20 ms at half that rate | p99 {lat_g['latency_ms']['p99']:.2f} ms at {num(lat_g['deliveries_per_s'])} deliveries/s, {num(lat_g['messages']['lost'])} lost | {'yes' if lat_g['latency_ms']['p99'] < 20 and lat_g['messages']['lost'] == 0 else 'no'} |")
+    # "That rate" is the target's 250,000/s: half is 125,000/s. The latency
+    # run is at half of our best held rate, so it meets the target only if
+    # it ran at 125,000/s or more.
+    lat_ok = lat_g['latency_ms']['p99'] < 20 and lat_g['messages']['lost'] == 0
+    lat_met = 'yes' if lat_ok and lat_g['deliveries_per_s'] >= 125_000 else (
+        'not at 125,000/s (p99 < 20 ms at half our best rate)' if lat_ok else 'no')
+    w(f"| p99 publish-to-device < 20 ms at half that rate (125,000/s) | p99 {lat_g['latency_ms']['p99']:.2f} ms at {num(lat_g['deliveries_per_s'])} deliveries/s, {num(lat_g['messages']['lost'])} lost | {lat_met} |")
 if rb:
     rec = recovery_seconds(rb, rb_ev)
     lost = rb["messages"]["lost"]
