@@ -235,28 +235,28 @@ pub fn close_moved(gw: &Gateway, ring: &Ring) -> usize {
     n
 }
 
+/// Binds `queue` to one slot of `feed.events`. Idempotent.
 async fn bind(ch: &Channel, queue: &str, slot: u16) -> lapin::Result<()> {
     let key = routing_key(slot);
     ch.queue_bind(queue.into(), EXCHANGE.into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
         .await
 }
 
+/// Unbinds `queue` from one slot of `feed.events`. Idempotent.
+pub(crate) async fn unbind(ch: &Channel, queue: &str, slot: u16) -> lapin::Result<()> {
+    let key = routing_key(slot);
+    ch.queue_unbind(queue.into(), EXCHANGE.into(), key.as_str().into(), FieldTable::default()).await
+}
+
 /// Binds (or unbinds) the node's queue to each slot. The calls are issued
 /// together and awaited together: one round trip each would take a second
 /// for 1024 slots. Both directions are idempotent.
-async fn set_bindings(ch: &Channel, node: &str, slots: &BTreeSet<u16>, bind: bool) -> lapin::Result<()> {
+async fn set_bindings(ch: &Channel, node: &str, slots: &BTreeSet<u16>, bound: bool) -> lapin::Result<()> {
     let queue = node_queue(node);
-    let keys: Vec<String> = slots.iter().map(|&s| routing_key(s)).collect();
-    if bind {
-        let calls = keys.iter().map(|k| {
-            ch.queue_bind(queue.as_str().into(), EXCHANGE.into(), k.as_str().into(), QueueBindOptions::default(), FieldTable::default())
-        });
-        futures_util::future::try_join_all(calls).await?;
+    if bound {
+        futures_util::future::try_join_all(slots.iter().map(|&s| bind(ch, &queue, s))).await?;
     } else {
-        let calls = keys
-            .iter()
-            .map(|k| ch.queue_unbind(queue.as_str().into(), EXCHANGE.into(), k.as_str().into(), FieldTable::default()));
-        futures_util::future::try_join_all(calls).await?;
+        futures_util::future::try_join_all(slots.iter().map(|&s| unbind(ch, &queue, s))).await?;
     }
     Ok(())
 }

@@ -25,13 +25,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use contract::membership::{HEARTBEAT_INTERVAL, PUBLISHER_GRACE};
-use contract::slot::routing_key;
-use contract::topology::{EXCHANGE, node_queue};
+use contract::topology::node_queue;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
-use crate::broker::{Source, dispatch, republish};
+use crate::broker::{self, Source, dispatch, republish};
 use crate::state::Gateway;
 
 /// Wait before draining: the publishers' grace plus two membership polls,
@@ -69,10 +67,7 @@ impl Departed {
     /// right after each bind, so that a message reaches both queues (and
     /// is later delivered twice) only for one round trip per slot.
     pub async fn unbind(&self, slot: u16) {
-        let key = routing_key(slot);
-        if let Err(e) =
-            self.ch.queue_unbind(self.queue.as_str().into(), EXCHANGE.into(), key.as_str().into(), FieldTable::default()).await
-        {
+        if let Err(e) = broker::unbind(&self.ch, &self.queue, slot).await {
             // The queue is gone: another survivor drained and deleted it.
             tracing::debug!(queue = self.queue, "departed queue not unbound: {e}");
         }
