@@ -133,14 +133,9 @@ async fn a_killed_node_is_replaced_and_its_devices_lose_nothing() {
                 per_slot[*s as usize] += 1;
             }
         }
-        !b.iter().any(|(q, _)| *q == victim_queue) && per_slot.iter().all(|&n| n == 1) && {
-            let out = tokio::process::Command::new("rabbitmqctl")
-                .args(["list_queues", "-p", vhost(), "-q", "--no-table-headers", "name"])
-                .output()
-                .await
-                .expect("rabbitmqctl runs");
-            !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == victim_queue)
-        }
+        !b.iter().any(|(q, _)| *q == victim_queue)
+            && per_slot.iter().all(|&n| n == 1)
+            && !queues().await.contains(&victim_queue)
     })
     .await;
     let mut drained = 0.0;

@@ -452,14 +452,27 @@ pub async fn smart_device(entry: String, user: String, stop: tokio_util::sync::C
     log
 }
 
-/// The (queue, slot) bindings of `feed.events`, read with rabbitmqctl.
-pub async fn bindings() -> Vec<(String, u16)> {
+/// The rows of `rabbitmqctl list_<what> <columns>` in this process's
+/// vhost, without headers. Async, so in-process nodes keep running.
+async fn rabbitmq_list(what: &str, columns: &[&str]) -> String {
     let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_bindings", "-p", vhost(), "-q", "--no-table-headers", "source_name", "destination_name", "routing_key"])
+        .args([&format!("list_{what}"), "-p", vhost(), "-q", "--no-table-headers"])
+        .args(columns)
         .output()
         .await
         .expect("rabbitmqctl runs");
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The names of the queues in this process's vhost.
+pub async fn queues() -> Vec<String> {
+    rabbitmq_list("queues", &["name"]).await.lines().map(|l| l.trim().to_owned()).collect()
+}
+
+/// The (queue, slot) bindings of `feed.events`, read with rabbitmqctl.
+pub async fn bindings() -> Vec<(String, u16)> {
+    rabbitmq_list("bindings", &["source_name", "destination_name", "routing_key"])
+        .await
         .lines()
         .filter_map(|l| {
             let mut f = l.split('\t');
