@@ -37,10 +37,7 @@ pub async fn run(gw: Arc<Gateway>) {
         let now = unix_now();
         let (mut dropped, mut expired) = (0usize, 0usize);
         let slice = sweep % SLICES;
-        gw.sessions.for_each_device(|d| {
-            if d.id % SLICES != slice {
-                return;
-            }
+        gw.sessions.for_each_device_where(|d| d.id % SLICES == slice, |d| {
             if d.token_expires_at <= now {
                 d.outbox.close(Close::Frame { code: CLOSE_POLICY, reason: "token expired".into() });
                 expired += 1;

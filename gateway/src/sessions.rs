@@ -135,8 +135,17 @@ impl Sessions {
     /// Calls `f` on every device (pinging, shutdown). Takes a snapshot of
     /// the handles first so no shard lock is held while `f` runs.
     pub fn for_each_device(&self, f: impl FnMut(&Arc<Device>)) {
-        let all: Vec<Arc<Device>> = self.users.iter().flat_map(|e| e.value().clone()).collect();
-        all.iter().for_each(f);
+        self.for_each_device_where(|_| true, f);
+    }
+
+    /// Like [`Sessions::for_each_device`], over the devices for which
+    /// `pred` holds (only those handles are taken).
+    pub fn for_each_device_where(&self, pred: impl Fn(&Device) -> bool, f: impl FnMut(&Arc<Device>)) {
+        let mut some: Vec<Arc<Device>> = Vec::new();
+        for e in self.users.iter() {
+            some.extend(e.value().iter().filter(|d| pred(d)).cloned());
+        }
+        some.iter().for_each(f);
     }
 
     /// Closes every device of the users for whom `pred` is true.
