@@ -201,11 +201,6 @@ impl Outbox {
         }
     }
 
-    pub fn is_closing(&self) -> bool {
-        let s = self.state.lock();
-        s.close.is_some() || s.finished
-    }
-
     /// Waits for work and takes all of it. Cancel-safe: work is only taken
     /// in the poll that returns it.
     pub async fn take(&self) -> Batch {

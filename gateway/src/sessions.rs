@@ -106,13 +106,9 @@ impl Sessions {
         }
     }
 
-    /// Queues a frame on every device of `user`.
-    pub fn deliver(&self, user: &str, item: &Queued) -> Delivery {
-        self.deliver_registered_before(user, item, u64::MAX)
-    }
-
-    /// Queues `item` on the user's devices registered before `cutoff_us`
-    /// (unix micros); later ones already have it or never expected it.
+    /// Writes or queues `item` on the user's devices registered before
+    /// `cutoff_us` (unix micros; `u64::MAX` for all): later ones already
+    /// have it or never expected it.
     pub fn deliver_registered_before(&self, user: &str, item: &Queued, cutoff_us: u64) -> Delivery {
         let mut out = Delivery::default();
         let Some(devices) = self.users.get(user) else {
