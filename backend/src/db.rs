@@ -89,7 +89,8 @@ async fn create_database_if_missing(config: &tokio_postgres::Config) -> anyhow::
         match client.batch_execute(&sql).await {
             Ok(()) => tracing::info!(database = name, "created database"),
             // Another process created it between our check and our create.
-            Err(e) if matches!(e.code(), Some(c) if *c == SqlState::DUPLICATE_DATABASE || *c == SqlState::UNIQUE_VIOLATION) => {}
+            Err(e) if matches!(e.code(), Some(c) if *c == SqlState::DUPLICATE_DATABASE || *c == SqlState::UNIQUE_VIOLATION) =>
+                {}
             Err(e) => return Err(e).context(format!("creating database {name}")),
         }
     }
@@ -127,5 +128,7 @@ async fn migrate(pool: &Pool) -> anyhow::Result<()> {
 /// True when a database error means "the database is unreachable or
 /// overloaded" (answer 503) rather than a bug (answer 500).
 pub fn is_unavailable(e: &tokio_postgres::Error) -> bool {
-    e.is_closed() || e.code().is_none_or(|c| c.code().starts_with("08") || c.code().starts_with("53") || c.code().starts_with("57"))
+    e.is_closed()
+        || e.code()
+            .is_none_or(|c| c.code().starts_with("08") || c.code().starts_with("53") || c.code().starts_with("57"))
 }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
 use crate::http::{AppState, Caller, Json, Path, ok};
-use crate::validate::{self, MAX_MESSAGE_CHARS};
 use crate::users;
+use crate::validate::{self, MAX_MESSAGE_CHARS};
 
 /// Most messages one list returns (the newest ones, oldest first).
 pub const LIST_LIMIT: i64 = 1000;

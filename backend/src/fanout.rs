@@ -24,12 +24,11 @@ use contract::ring::Ring;
 use contract::slot::{SLOTS, slot_of};
 use contract::topology::{self};
 use futures_util::StreamExt;
+use lapin::Channel;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::load_posts;

@@ -190,11 +190,7 @@ impl FeedCache {
 
 /// Posts by id from PostgreSQL, in no particular order.
 pub async fn load_posts(db: &Pool, ids: &[String]) -> ApiResult<Vec<Post>> {
-    let rows = db
-        .get()
-        .await?
-        .query("SELECT id, text, author_id FROM posts WHERE id = ANY($1)", &[&ids])
-        .await?;
+    let rows = db.get().await?.query("SELECT id, text, author_id FROM posts WHERE id = ANY($1)", &[&ids]).await?;
     Ok(rows.iter().map(|r| Post { id: r.get(0), text: r.get(1), author_user_id: r.get(2) }).collect())
 }
 

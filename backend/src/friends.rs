@@ -10,7 +10,11 @@ use crate::error::{ApiError, ApiResult};
 use crate::http::{AppState, Caller, Path, ok};
 use crate::{users, validate};
 
-pub async fn set(State(backend): State<AppState>, Caller(me): Caller, Path(user_id): Path<String>) -> ApiResult<Response> {
+pub async fn set(
+    State(backend): State<AppState>,
+    Caller(me): Caller,
+    Path(user_id): Path<String>,
+) -> ApiResult<Response> {
     validate::id("user_id", &user_id)?;
     if user_id == me {
         return Err(ApiError::bad("a user cannot follow themselves"));
@@ -31,7 +35,11 @@ pub async fn set(State(backend): State<AppState>, Caller(me): Caller, Path(user_
     Ok(ok())
 }
 
-pub async fn delete(State(backend): State<AppState>, Caller(me): Caller, Path(user_id): Path<String>) -> ApiResult<Response> {
+pub async fn delete(
+    State(backend): State<AppState>,
+    Caller(me): Caller,
+    Path(user_id): Path<String>,
+) -> ApiResult<Response> {
     validate::id("user_id", &user_id)?;
     if !users::exists(&backend, &user_id).await? {
         return Err(ApiError::not_found("user"));

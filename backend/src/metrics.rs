@@ -33,10 +33,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let recorder = Arc::new(
-            PrometheusBuilder::new()
-                .set_buckets(DURATION_BUCKETS)
-                .expect("buckets are not empty")
-                .build_recorder(),
+            PrometheusBuilder::new().set_buckets(DURATION_BUCKETS).expect("buckets are not empty").build_recorder(),
         );
         let counter = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
         Metrics {
@@ -56,12 +53,11 @@ impl Metrics {
             Label::new("route", route.to_owned()),
             Label::new("status", status.to_string()),
         ];
-        self.recorder
-            .register_counter(&Key::from_parts("backend_http_requests_total", labels), &METADATA)
-            .increment(1);
+        self.recorder.register_counter(&Key::from_parts("backend_http_requests_total", labels), &METADATA).increment(1);
         let labels = vec![Label::new("route", route.to_owned())];
-        let histogram: Histogram =
-            self.recorder.register_histogram(&Key::from_parts("backend_http_request_duration_seconds", labels), &METADATA);
+        let histogram: Histogram = self
+            .recorder
+            .register_histogram(&Key::from_parts("backend_http_request_duration_seconds", labels), &METADATA);
         histogram.record(elapsed.as_secs_f64());
     }
 

@@ -43,7 +43,8 @@ impl Passwords {
     pub async fn verify(&self, password: String, phc: String) -> ApiResult<bool> {
         let _permit = self.permits.acquire().await.expect("semaphore is never closed");
         tokio::task::spawn_blocking(move || {
-            let parsed = PasswordHash::new(&phc).map_err(|e| ApiError::Internal(anyhow::anyhow!("stored hash: {e}")))?;
+            let parsed =
+                PasswordHash::new(&phc).map_err(|e| ApiError::Internal(anyhow::anyhow!("stored hash: {e}")))?;
             Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
         })
         .await

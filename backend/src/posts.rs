@@ -104,14 +104,13 @@ pub async fn update(
 }
 
 /// `PUT /post/delete/{id}`: only the author may; others get 404.
-pub async fn delete(State(backend): State<AppState>, Caller(me): Caller, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn delete(
+    State(backend): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     validate::id("id", &id)?;
-    let n = backend
-        .db
-        .get()
-        .await?
-        .execute("DELETE FROM posts WHERE id = $1 AND author_id = $2", &[&id, &me])
-        .await?;
+    let n = backend.db.get().await?.execute("DELETE FROM posts WHERE id = $1 AND author_id = $2", &[&id, &me]).await?;
     if n == 0 {
         return Err(ApiError::not_found("post"));
     }

@@ -17,7 +17,11 @@ use crate::state::Backend;
 
 /// Runs the API and `config.workers` fan-out workers on an already bound
 /// listener until `shutdown` resolves.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let backend = Backend::connect(config).await?;
     serve(backend, listener, shutdown).await
 }

@@ -54,7 +54,9 @@ async fn register_rejects_bad_input_and_stores_nothing() {
         let r = api.call("POST", "/user/register", None, Some(&body)).await;
         assert_error(&r, 400, needle);
     }
-    let r = api.call_with("POST", "/user/register", Some(&good.to_string()), |b| b.header("content-type", "text/plain")).await;
+    let r = api
+        .call_with("POST", "/user/register", Some(&good.to_string()), |b| b.header("content-type", "text/plain"))
+        .await;
     assert_eq!(r.status, 400, "{r:?}");
     assert_eq!(users_named(&name).await, 0, "nothing stored");
     let r = api.call("POST", "/user/register", None, Some(&good.to_string())).await;
@@ -69,7 +71,10 @@ async fn login_get_and_search() {
     let api = backend.client();
     let first = unique("Zed");
     let body = json!({"first_name": first, "second_name": "Zulu", "birthdate": "2000-02-29", "biography": "bio", "city": "Town", "password": "right"});
-    let id = api.call("POST", "/user/register", None, Some(&body.to_string())).await.json()["user_id"].as_str().unwrap().to_owned();
+    let id = api.call("POST", "/user/register", None, Some(&body.to_string())).await.json()["user_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(id.len(), 36, "a UUID");
 
     let r = api.call("POST", "/login", None, Some(&json!({"id": id, "password": "wrong"}).to_string())).await;
@@ -119,7 +124,8 @@ async fn auth_is_required_and_taken_from_every_place() {
     assert_error(&r, 401, "missing token");
     let r = api.call("GET", "/post/feed", Some("garbage"), None).await;
     assert_error(&r, 401, "malformed");
-    let other = contract::token::Tokens::new(b"another-secret-0123456789").issue("u", std::time::Duration::from_secs(60));
+    let other =
+        contract::token::Tokens::new(b"another-secret-0123456789").issue("u", std::time::Duration::from_secs(60));
     assert_error(&api.call("GET", "/post/feed", Some(&other), None).await, 401, "signature");
     let r = api.call_with("GET", "/post/feed", None, |b| b.header("x-auth", token.as_str())).await;
     assert_eq!(r.status, 200);
@@ -137,13 +143,18 @@ async fn posts_friends_and_dialogs_reject_bad_input() {
     let (me, token) = api.user("Me").await;
     let (you, you_token) = api.user("You").await;
     let posts_by_me = || async {
-        let n: i64 = pg().await.query_one("SELECT count(*) FROM posts WHERE author_id = $1", &[&me]).await.unwrap().get(0);
+        let n: i64 =
+            pg().await.query_one("SELECT count(*) FROM posts WHERE author_id = $1", &[&me]).await.unwrap().get(0);
         n
     };
 
     assert_error(&api.call("POST", "/post/create", Some(&token), Some("{oops")).await, 400, "JSON");
     assert_error(&api.call("POST", "/post/create", Some(&token), Some("{}")).await, 400, "text");
-    assert_error(&api.call("POST", "/post/create", Some(&token), Some(r#"{"text":""}"#)).await, 400, "text must not be empty");
+    assert_error(
+        &api.call("POST", "/post/create", Some(&token), Some(r#"{"text":""}"#)).await,
+        400,
+        "text must not be empty",
+    );
     let long = json!({"text": "é".repeat(5001)}).to_string();
     assert_error(&api.call("POST", "/post/create", Some(&token), Some(&long)).await, 400, "text is too long");
     let huge = json!({"text": "x".repeat(100_000)}).to_string();
@@ -164,7 +175,8 @@ async fn posts_friends_and_dialogs_reject_bad_input() {
     assert_error(&api.call("GET", "/post/feed?limit=0", Some(&token), None).await, 400, "limit");
     assert_error(&api.call("GET", "/post/feed?limit=101", Some(&token), None).await, 400, "limit");
     assert_error(&api.call("GET", "/post/feed?offset=-1", Some(&token), None).await, 400, "offset");
-    let follows: i64 = pg().await.query_one("SELECT count(*) FROM follows WHERE follower_id = $1", &[&me]).await.unwrap().get(0);
+    let follows: i64 =
+        pg().await.query_one("SELECT count(*) FROM follows WHERE follower_id = $1", &[&me]).await.unwrap().get(0);
     assert_eq!(follows, 0);
 
     // Dialogs.

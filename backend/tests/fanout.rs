@@ -39,8 +39,14 @@ impl Tap {
             let ch = ch.clone();
             let name = name.clone();
             async move {
-                ch.queue_bind(name.as_str().into(), EXCHANGE.into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
-                    .await
+                ch.queue_bind(
+                    name.as_str().into(),
+                    EXCHANGE.into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
             }
         });
         futures_util::future::try_join_all(binds).await.unwrap();
@@ -184,7 +190,12 @@ async fn ten_thousand_followers_are_three_messages_for_three_nodes() {
 
     // Tidy the shared Redis: these followers' feeds and the posts' bodies.
     drop_feeds(&followers).await;
-    let _: () = redis::pipe().del(format!("post:{post_id}")).del(format!("post:{second}")).query_async(&mut redis).await.unwrap();
+    let _: () = redis::pipe()
+        .del(format!("post:{post_id}"))
+        .del(format!("post:{second}"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     backend.stop().await;
 }
 
@@ -211,7 +222,12 @@ async fn a_fan_out_cut_off_by_a_broker_failure_is_redone_without_losing_anyone()
     // the queue and a reconnected worker redid it.
     let messages = tap.collect_into(&post_id, &mut all, N, Duration::from_millis(300)).await;
     let slots: HashSet<u16> = messages.iter().map(|(s, _)| *s).collect();
-    eprintln!("before the cut: {} messages; after: {} messages over {} slots", first.len(), messages.len(), slots.len());
+    eprintln!(
+        "before the cut: {} messages; after: {} messages over {} slots",
+        first.len(),
+        messages.len(),
+        slots.len()
+    );
     assert_eq!(all, followers.iter().cloned().collect::<HashSet<_>>(), "every follower got the event");
     assert_eq!(feeds_holding(&followers, &post_id).await, N);
 

@@ -44,7 +44,10 @@ async fn unfollow_removes_the_authors_posts_and_keeps_the_others() {
     api.follow(&b_token, &c).await;
     let pa = api.post(&a_token, "by a").await;
     let pc = api.post(&c_token, "by c").await;
-    wait_for("both posts in the feed", || async { api.feed_ids(&b_token, 0, 10).await == vec![pc.clone(), pa.clone()] }).await;
+    wait_for("both posts in the feed", || async {
+        api.feed_ids(&b_token, 0, 10).await == vec![pc.clone(), pa.clone()]
+    })
+    .await;
 
     api.unfollow(&b_token, &a).await;
     assert_eq!(api.feed_ids(&b_token, 0, 10).await, vec![pc.clone()]);
@@ -159,7 +162,8 @@ async fn feed_keeps_the_newest_thousand() {
     let first = api.feed(&b_token, 0, 1).await;
     assert_eq!(first[0]["text"], "p1005");
     let mut redis = backend.redis().await;
-    let posts: usize = redis::cmd("ZCOUNT").arg(format!("feed:{b}")).arg(0).arg(0).query_async(&mut redis).await.unwrap();
+    let posts: usize =
+        redis::cmd("ZCOUNT").arg(format!("feed:{b}")).arg(0).arg(0).query_async(&mut redis).await.unwrap();
     assert_eq!(posts, 1000);
     let last = api.feed(&b_token, 999, 10).await;
     assert_eq!(last.len(), 1);

@@ -46,7 +46,8 @@ async fn a_post_reaches_every_device_of_a_follower_and_their_feed() {
     assert_eq!(feed[0]["author_user_id"], alice.as_str());
     // Served from the cache the fan-out wrote.
     let mut redis = backend.redis().await;
-    let score: Option<f64> = redis::cmd("ZSCORE").arg(format!("feed:{bob}")).arg(&post_id).query_async(&mut redis).await.unwrap();
+    let score: Option<f64> =
+        redis::cmd("ZSCORE").arg(format!("feed:{bob}")).arg(&post_id).query_async(&mut redis).await.unwrap();
     assert_eq!(score, Some(0.0));
 
     use futures_util::StreamExt;

@@ -58,11 +58,7 @@ impl PostEvent {
             kind: "post".into(),
             id: post_id.into(),
             ts: ts_ms,
-            data: PostData {
-                post_id: post_id.into(),
-                post_text: text.into(),
-                author_user_id: author.into(),
-            },
+            data: PostData { post_id: post_id.into(), post_text: text.into(), author_user_id: author.into() },
         }
     }
 }
@@ -79,10 +75,7 @@ pub fn decode(body: &[u8]) -> Result<InboundMessage<'_>, serde_json::Error> {
 
 /// Unix time now, in microseconds, for `x-published-at`.
 pub fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -61,7 +61,11 @@ impl Record {
     /// one whose heartbeat went stale the moment it left: gateways drop it
     /// at once, publishers [`PUBLISHER_GRACE`] later, cleanup after that.
     pub fn effective_heartbeat_ms(&self) -> u64 {
-        if self.left { self.heartbeat_ms.saturating_sub(HEARTBEAT_TIMEOUT.as_millis() as u64) } else { self.heartbeat_ms }
+        if self.left {
+            self.heartbeat_ms.saturating_sub(HEARTBEAT_TIMEOUT.as_millis() as u64)
+        } else {
+            self.heartbeat_ms
+        }
     }
 }
 

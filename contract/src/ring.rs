@@ -84,8 +84,7 @@ impl Ring {
     /// Builds the ring. Members are deduplicated by node id and sorted, so
     /// the order in which they were listed does not matter.
     pub fn new(members: impl IntoIterator<Item = Member>) -> Ring {
-        let by_id: BTreeMap<String, Member> =
-            members.into_iter().map(|m| (m.node_id.clone(), m)).collect();
+        let by_id: BTreeMap<String, Member> = members.into_iter().map(|m| (m.node_id.clone(), m)).collect();
         let members: Vec<Member> = by_id.into_values().collect();
         let mut ring = HashRing::with_hasher(Xxh3DefaultBuilder);
         for (i, m) in members.iter().enumerate() {

@@ -52,11 +52,7 @@ impl Tokens {
         validation.set_required_spec_claims(&["exp", "sub"]);
         // Issuer and verifiers share one host clock: no grace for expiry.
         validation.leeway = 0;
-        Tokens {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
-        }
+        Tokens { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
     }
 
     /// Issues a token for `user_id`, valid for `ttl`.
@@ -68,8 +64,7 @@ impl Tokens {
 
     /// Signs arbitrary claims (tests use it for expired tokens).
     pub fn encode(&self, claims: &Claims) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
-            .expect("HS256 signing cannot fail")
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding).expect("HS256 signing cannot fail")
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
@@ -80,16 +75,13 @@ impl Tokens {
         {
             return Err(TokenError::WrongAlgorithm);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(
-            |e| match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    TokenError::WrongAlgorithm
-                }
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => TokenError::WrongAlgorithm,
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
                 _ => TokenError::Malformed,
-            },
-        )?;
+            })?;
         let sub = &data.claims.sub;
         if sub.is_empty() || sub.len() > MAX_USER_ID_LEN {
             return Err(TokenError::BadSubject);

@@ -38,16 +38,11 @@ pub fn node_queue(node_id: &str) -> String {
 /// exchange and queue. Idempotent.
 pub async fn declare_exchanges(ch: &Channel) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    ch.exchange_declare(UNROUTABLE_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
-        .await?;
+    ch.exchange_declare(UNROUTABLE_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
     let mut qargs = FieldTable::default();
     qargs.insert("x-max-length".into(), AMQPValue::LongLongInt(UNROUTABLE_MAX_LENGTH));
-    ch.queue_declare(
-        UNROUTABLE_QUEUE.into(),
-        QueueDeclareOptions { durable: true, ..Default::default() },
-        qargs,
-    )
-    .await?;
+    ch.queue_declare(UNROUTABLE_QUEUE.into(), QueueDeclareOptions { durable: true, ..Default::default() }, qargs)
+        .await?;
     ch.queue_bind(
         UNROUTABLE_QUEUE.into(),
         UNROUTABLE_EXCHANGE.into(),
@@ -68,10 +63,7 @@ pub async fn declare_exchanges(ch: &Channel) -> lapin::Result<()> {
 pub async fn declare_node_queue(ch: &Channel, node_id: &str) -> lapin::Result<()> {
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongLongInt(NODE_QUEUE_EXPIRES.as_millis() as i64));
-    args.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongLongInt(NODE_QUEUE_MESSAGE_TTL.as_millis() as i64),
-    );
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(NODE_QUEUE_MESSAGE_TTL.as_millis() as i64));
     ch.queue_declare(
         node_queue(node_id).as_str().into(),
         QueueDeclareOptions { durable: true, ..Default::default() },

@@ -18,8 +18,8 @@ use contract::topology::{self, EXCHANGE, header_u64, node_queue};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -238,8 +238,14 @@ pub fn close_moved(gw: &Gateway, ring: &Ring) -> usize {
 /// Binds `queue` to one slot of `feed.events`. Idempotent.
 async fn bind(ch: &Channel, queue: &str, slot: u16) -> lapin::Result<()> {
     let key = routing_key(slot);
-    ch.queue_bind(queue.into(), EXCHANGE.into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
-        .await
+    ch.queue_bind(
+        queue.into(),
+        EXCHANGE.into(),
+        key.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
 }
 
 /// Unbinds `queue` from one slot of `feed.events`. Idempotent.

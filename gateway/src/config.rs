@@ -90,9 +90,7 @@ impl Config {
         let node_id = self.node_id.take().unwrap_or_else(|| format!("gw-{port}"));
         let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
         if node_id.is_empty() || node_id.len() > 64 || !node_id.chars().all(valid) {
-            return Err(format!(
-                "GATEWAY_NODE_ID (--node-id) {node_id:?} must be 1-64 of [A-Za-z0-9._-]"
-            ));
+            return Err(format!("GATEWAY_NODE_ID (--node-id) {node_id:?} must be 1-64 of [A-Za-z0-9._-]"));
         }
         self.node_id = Some(node_id);
         let url = self.advertise_url.take().unwrap_or_else(|| format!("ws://127.0.0.1:{port}"));
@@ -136,4 +134,3 @@ impl Config {
         Config::parse_from(["gateway", "--jwt-secret", jwt_secret])
     }
 }
-

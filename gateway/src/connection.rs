@@ -166,11 +166,15 @@ async fn recover(gw: &Gateway, device: &Device, since: &str) {
         }
         Ok(Err(e)) => {
             tracing::warn!("feed recovery failed: {e}");
-            device.outbox.close_discarding(Close::Frame { code: 1011, reason: "feed recovery unavailable, retry".into() });
+            device
+                .outbox
+                .close_discarding(Close::Frame { code: 1011, reason: "feed recovery unavailable, retry".into() });
         }
         Err(_) => {
             tracing::warn!("feed recovery timed out");
-            device.outbox.close_discarding(Close::Frame { code: 1011, reason: "feed recovery timed out, retry".into() });
+            device
+                .outbox
+                .close_discarding(Close::Frame { code: 1011, reason: "feed recovery timed out, retry".into() });
         }
     }
 }

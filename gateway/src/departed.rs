@@ -35,9 +35,8 @@ use crate::state::Gateway;
 /// Wait before draining: the publishers' grace plus two membership polls,
 /// by which time every survivor has dropped the dead node (each decides
 /// within one poll of the others) and bound its share of the slots.
-pub const DRAIN_DELAY: Duration = Duration::from_millis(
-    PUBLISHER_GRACE.as_millis() as u64 + 2 * HEARTBEAT_INTERVAL.as_millis() as u64,
-);
+pub const DRAIN_DELAY: Duration =
+    Duration::from_millis(PUBLISHER_GRACE.as_millis() as u64 + 2 * HEARTBEAT_INTERVAL.as_millis() as u64);
 
 /// Most messages drained from one dead queue. The queue's message TTL
 /// bounds it anyway; this keeps a runaway publisher from holding a

@@ -165,9 +165,7 @@ impl FrameReader {
             if len > MAX_CONTROL_PAYLOAD as u64 {
                 return Err(ReadError::Protocol("control frame too long"));
             }
-        } else if len > self.max_message as u64
-            || self.message_len as u64 + len > self.max_message as u64
-        {
+        } else if len > self.max_message as u64 || self.message_len as u64 + len > self.max_message as u64 {
             return Err(ReadError::TooBig);
         }
         let len = len as usize;

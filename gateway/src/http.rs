@@ -11,8 +11,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::{connection, proxy};
 use crate::state::{Gateway, SocketGuard};
+use crate::{connection, proxy};
 
 pub type Body = Full<Bytes>;
 
@@ -32,9 +32,9 @@ pub async fn handle(
         (&Method::GET, "/metrics") => {
             gw.metrics.refresh_memory();
             Response::builder()
-            .header("content-type", "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(gw.prometheus.render())))
-            .expect("static response")
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(Full::new(Bytes::from(gw.prometheus.render())))
+                .expect("static response")
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         (&Method::GET, "/readyz") => {

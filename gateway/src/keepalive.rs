@@ -37,17 +37,20 @@ pub async fn run(gw: Arc<Gateway>) {
         let now = unix_now();
         let (mut dropped, mut expired) = (0usize, 0usize);
         let slice = sweep % SLICES;
-        gw.sessions.for_each_device_where(|d| d.id % SLICES == slice, |d| {
-            if d.token_expires_at <= now {
-                d.outbox.close(Close::Frame { code: CLOSE_POLICY, reason: "token expired".into() });
-                expired += 1;
-            } else if d.missed_pings.fetch_add(1, Ordering::Relaxed) >= MAX_MISSED_PINGS {
-                d.outbox.close(Close::Abort);
-                dropped += 1;
-            } else {
-                d.outbox.push_control(ping.clone());
-            }
-        });
+        gw.sessions.for_each_device_where(
+            |d| d.id % SLICES == slice,
+            |d| {
+                if d.token_expires_at <= now {
+                    d.outbox.close(Close::Frame { code: CLOSE_POLICY, reason: "token expired".into() });
+                    expired += 1;
+                } else if d.missed_pings.fetch_add(1, Ordering::Relaxed) >= MAX_MISSED_PINGS {
+                    d.outbox.close(Close::Abort);
+                    dropped += 1;
+                } else {
+                    d.outbox.push_control(ping.clone());
+                }
+            },
+        );
         if dropped + expired > 0 {
             tracing::info!(dropped, expired, "keepalive closed devices");
         }

@@ -110,7 +110,11 @@ pub async fn run(gw: Arc<Gateway>) {
         // that publishers have stopped routing to as well.
         let cleanup: Vec<&String> = fields
             .iter()
-            .filter(|(_, v)| serde_json::from_str::<Record>(v).map_or(true, |r| now.saturating_sub(r.effective_heartbeat_ms()) >= FIELD_CLEANUP_AGE.as_millis() as u64))
+            .filter(|(_, v)| {
+                serde_json::from_str::<Record>(v).map_or(true, |r| {
+                    now.saturating_sub(r.effective_heartbeat_ms()) >= FIELD_CLEANUP_AGE.as_millis() as u64
+                })
+            })
             .map(|(k, _)| k)
             .collect();
         if !cleanup.is_empty()
@@ -118,7 +122,8 @@ pub async fn run(gw: Arc<Gateway>) {
         {
             let _: Result<(), _> = redis::cmd("HDEL").arg(&key).arg(&cleanup).query_async(c).await;
         }
-        let mut members: Vec<Member> = seen.iter().map(|(id, (url, _))| Member { node_id: id.clone(), url: url.clone() }).collect();
+        let mut members: Vec<Member> =
+            seen.iter().map(|(id, (url, _))| Member { node_id: id.clone(), url: url.clone() }).collect();
         // Before it announces itself, the node is in its own view only.
         if !members.iter().any(|m| m.node_id == me) {
             members.push(Member { node_id: me.clone(), url: gw.config.advertise_url().to_owned() });

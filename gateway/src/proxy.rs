@@ -27,7 +27,13 @@ const OWNER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest upgrade answer head accepted from the owner.
 const MAX_HEAD: usize = 8 * 1024;
 
-pub async fn proxy(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incoming>, token: String, owner: Member) -> Response<Body> {
+pub async fn proxy(
+    gw: Arc<Gateway>,
+    guard: Arc<SocketGuard>,
+    mut req: Request<Incoming>,
+    token: String,
+    owner: Member,
+) -> Response<Body> {
     let Some(hostport) = owner.url.strip_prefix("ws://").map(str::to_owned) else {
         return message(StatusCode::BAD_GATEWAY, "owner node URL is not ws://");
     };
@@ -50,7 +56,9 @@ pub async fn proxy(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
     };
     let (mut upstream, status, answer, rest) = match tokio::time::timeout(OWNER_TIMEOUT, dial).await {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => return message(StatusCode::BAD_GATEWAY, &format!("owner node {} unreachable: {e}", owner.node_id)),
+        Ok(Err(e)) => {
+            return message(StatusCode::BAD_GATEWAY, &format!("owner node {} unreachable: {e}", owner.node_id));
+        }
         Err(_) => return message(StatusCode::GATEWAY_TIMEOUT, &format!("owner node {} did not answer", owner.node_id)),
     };
     if status != 101 {

@@ -39,7 +39,8 @@ async fn event_bytes_are_passed_through_unchanged() {
     let user = unique("u");
     let mut ws = connect(&node, &user).await;
     // Field order and spacing that no serializer of ours would produce.
-    let raw_event = r#"{"type":"post", "id":"p-raw","ts":1,"data":{"postText":"ü","postId":"p-raw","author_user_id":"a"}}"#;
+    let raw_event =
+        r#"{"type":"post", "id":"p-raw","ts":1,"data":{"postText":"ü","postId":"p-raw","author_user_id":"a"}}"#;
     let body = format!(r#"{{"recipients":["{user}"],"event":{raw_event}}}"#);
     Publisher::new().await.publish_raw(contract::slot::slot_of(&user), body.as_bytes()).await;
     use futures_util::StreamExt;

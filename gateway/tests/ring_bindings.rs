@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use common::cluster::*;
 use common::*;
 use contract::membership;
@@ -52,4 +51,3 @@ async fn three_nodes_bind_each_slot_once_and_deliver_wherever_a_user_connects() 
         }
     }
 }
-

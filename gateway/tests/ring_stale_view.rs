@@ -18,7 +18,10 @@ async fn a_stale_ring_view_is_corrected_by_one_republish_and_no_loop() {
     let nodes = cluster(3, &key).await;
     let ring = nodes[0].gw.ring();
     // A user owned by some node, and a slot owned by another one.
-    let user = (0..).map(|i| unique(&format!("s{i}"))).find(|u| ring.owner(slot_of(u)).unwrap().node_id == nodes[1].gw.config.node_id()).unwrap();
+    let user = (0..)
+        .map(|i| unique(&format!("s{i}")))
+        .find(|u| ring.owner(slot_of(u)).unwrap().node_id == nodes[1].gw.config.node_id())
+        .unwrap();
     let wrong_slot = (0..SLOTS).find(|&s| ring.owner(s).unwrap().node_id == nodes[0].gw.config.node_id()).unwrap();
     let mut ws = connect(&nodes[1], &user).await;
 
@@ -29,7 +32,15 @@ async fn a_stale_ring_view_is_corrected_by_one_republish_and_no_loop() {
     let opts = lapin::options::QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
     ch.queue_declare(watch.as_str().into(), opts, Default::default()).await.unwrap();
     let rk = contract::slot::routing_key(slot_of(&user));
-    ch.queue_bind(watch.as_str().into(), contract::topology::EXCHANGE.into(), rk.as_str().into(), Default::default(), Default::default()).await.unwrap();
+    ch.queue_bind(
+        watch.as_str().into(),
+        contract::topology::EXCHANGE.into(),
+        rk.as_str().into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
 
     // Routed by a publisher whose ring says node 0 owns the user.
     let publisher = Publisher::new().await;
@@ -51,9 +62,7 @@ async fn a_stale_ring_view_is_corrected_by_one_republish_and_no_loop() {
     let ev2 = post(&unique("hopped"));
     let mut headers = lapin::types::FieldTable::default();
     headers.insert("x-hops".into(), lapin::types::AMQPValue::LongLongInt(1));
-    publisher
-        .publish_with_headers(wrong_slot, &contract::event::encode(&[&user], &ev2), headers)
-        .await;
+    publisher.publish_with_headers(wrong_slot, &contract::event::encode(&[&user], &ev2), headers).await;
     assert_eq!(next_event_within(&mut ws, Duration::from_millis(700)).await, None);
     assert!(ch.basic_get(watch.as_str().into(), Default::default()).await.unwrap().is_none(), "no second hop");
 }

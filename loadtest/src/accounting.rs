@@ -162,7 +162,11 @@ mod tests {
         let mut direct = new_histogram();
         for i in 1..=20_000u64 {
             let v = i * 37 % 250_000 + 1;
-            if i % 3 == 0 { a.record(i as usize, v) } else { b.record(i as usize, v) }
+            if i % 3 == 0 {
+                a.record(i as usize, v)
+            } else {
+                b.record(i as usize, v)
+            }
             direct.record(v).unwrap();
         }
         let wire = [encode_histogram(&a.take()), encode_histogram(&b.take())];

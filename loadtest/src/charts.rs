@@ -20,7 +20,12 @@ pub fn write(dir: &Path, series: &[Point]) -> anyhow::Result<Vec<PathBuf>> {
         series.iter().filter_map(|p| Some((p.t_s as f64, f(p)?))).collect()
     };
     let charts = [
-        ("connections.svg", "Devices connected", "connections", vec![("connections", line(|p| Some(p.connections as f64)))]),
+        (
+            "connections.svg",
+            "Devices connected",
+            "connections",
+            vec![("connections", line(|p| Some(p.connections as f64)))],
+        ),
         (
             "deliveries.svg",
             "Deliveries per second",

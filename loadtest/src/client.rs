@@ -32,7 +32,13 @@ pub struct Counters {
 
 impl Counters {
     pub fn new() -> Counters {
-        Counters { latency: Latency::new(LATENCY_SHARDS), received: AtomicU64::new(0), foreign: AtomicU64::new(0), last_receipt_us: AtomicU64::new(0), closes: Default::default() }
+        Counters {
+            latency: Latency::new(LATENCY_SHARDS),
+            received: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
+            last_receipt_us: AtomicU64::new(0),
+            closes: Default::default(),
+        }
     }
 }
 

@@ -16,7 +16,8 @@ pub async fn gateways(nodes: &[Member], redis_url: &str, key: &str) -> anyhow::R
     if !nodes.is_empty() {
         return Ok(nodes.to_vec());
     }
-    let client = redis::Client::open(redis_url).with_context(|| format!("--redis-url {redis_url:?} is not a Redis URL"))?;
+    let client =
+        redis::Client::open(redis_url).with_context(|| format!("--redis-url {redis_url:?} is not a Redis URL"))?;
     let members = tokio::time::timeout(REDIS_TIMEOUT, async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         membership::fetch(&mut conn, key).await

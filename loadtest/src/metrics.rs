@@ -12,8 +12,7 @@ pub const LATENCY: &str = "loadtest_latency_seconds";
 
 /// Latency buckets in seconds, 0.5 ms to 10 s: the range where the
 /// gateway's own delivery histogram also has its resolution.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
 
 /// Serves `/metrics` on `listen` (in the background, on this runtime).
 pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {

@@ -196,8 +196,8 @@ async fn follow(worker: usize, first_user: usize, stdout: ChildStdout, live: Arc
 async fn read_reports(worker: usize, first_user: usize, stdout: ChildStdout, live: &Live) -> anyhow::Result<Finished> {
     let mut lines = BufReader::new(stdout).lines();
     while let Some(line) = lines.next_line().await? {
-        let report: Report =
-            serde_json::from_str(&line).with_context(|| format!("worker {worker} wrote a line that is not a report"))?;
+        let report: Report = serde_json::from_str(&line)
+            .with_context(|| format!("worker {worker} wrote a line that is not a report"))?;
         match report {
             Report::Tick { unix_s, open, established, failed, received, latency, closed, reconnects } => {
                 *live.reconnects[worker].lock() = reconnects;

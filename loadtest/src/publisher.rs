@@ -136,7 +136,11 @@ async fn write_feeds(
     published_us: u64,
 ) -> anyhow::Result<()> {
     let id = event_id(plan.run, seq);
-    let post = feedcache::CachedPost { id: id.clone(), text: post_text(plan.run, seq, published_us), author_user_id: AUTHOR.into() };
+    let post = feedcache::CachedPost {
+        id: id.clone(),
+        text: post_text(plan.run, seq, published_us),
+        author_user_id: AUTHOR.into(),
+    };
     let mut pipe = redis::pipe();
     pipe.cmd("SET").arg(feedcache::post_key(&id)).arg(serde_json::to_string(&post)?).arg("EX").arg(FEED_TTL_S).ignore();
     for &u in recipients {
@@ -195,7 +199,13 @@ impl Out {
 
     /// Publishes one event to `recipients` (user indexes); returns the
     /// messages or requests it took.
-    async fn publish(&mut self, plan: &Plan, recipients: &[usize], ev: &event::PostEvent, published_us: u64) -> anyhow::Result<u64> {
+    async fn publish(
+        &mut self,
+        plan: &Plan,
+        recipients: &[usize],
+        ev: &event::PostEvent,
+        published_us: u64,
+    ) -> anyhow::Result<u64> {
         match self {
             Out::Amqp { ch, confirms, owner_of_user, .. } => {
                 let mut groups: BTreeMap<usize, Vec<&str>> = BTreeMap::new();

@@ -152,13 +152,19 @@ impl Report {
             "connections   target {}  established {}  failed {}  ({:.0}/s over {:.1}s, {} workers)",
             c.target, c.established, c.failed, self.connect_rate_per_s, self.ramp_up_s, self.workers
         );
-        println!("events        {} published as {} broker messages", self.events_published, self.broker_messages_published);
+        println!(
+            "events        {} published as {} broker messages",
+            self.events_published, self.broker_messages_published
+        );
         println!(
             "deliveries    expected {}  received {}  lost {}  duplicates {}  unexpected {}",
             m.expected, m.received, m.lost, m.duplicates, m.unexpected
         );
         println!("throughput    {:.0} deliveries/s", self.deliveries_per_s);
-        println!("latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}", l.p50, l.p90, l.p99, l.p999, l.max);
+        println!(
+            "latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
         for g in &self.gateways {
             println!(
                 "gateway {:<10} {} connections  RSS {:.1} MiB -> {:.1} MiB  = {:.0} bytes/connection",

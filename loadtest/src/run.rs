@@ -89,11 +89,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let nchan = args.target == Target::Nchan;
     anyhow::ensure!(!(nchan && args.mode == Mode::E2e), "--target nchan works in gateway mode only");
     let recover = args.recover || args.churn > 0.0;
-    anyhow::ensure!(!(nchan && recover), "--recover and --churn need the gateways' ?since= recovery (not --target nchan)");
+    anyhow::ensure!(
+        !(nchan && recover),
+        "--recover and --churn need the gateways' ?since= recovery (not --target nchan)"
+    );
     anyhow::ensure!(args.churn >= 0.0 && args.churn.is_finite(), "--churn must be a number >= 0");
     // Against Nchan, the ring is one member: its URL (every device goes there).
     let gateways = if nchan {
-        let url = format!("ws://{}", args.nchan_url.trim_start_matches("http://").trim_start_matches("ws://").trim_end_matches('/'));
+        let url = format!(
+            "ws://{}",
+            args.nchan_url.trim_start_matches("http://").trim_start_matches("ws://").trim_end_matches('/')
+        );
         vec![format!("nchan={url}").parse().map_err(anyhow::Error::msg)?]
     } else {
         discovery::gateways(&args.nodes, &args.redis_url, &args.membership_key).await?
@@ -113,7 +119,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let secret = match (&args.jwt_secret, args.mode) {
         (Some(s), _) => s.clone(),
         (None, Mode::E2e) => String::new(),
-        (None, Mode::Gateway) => anyhow::bail!("--jwt-secret (or JWT_SECRET) is required to mint tokens in gateway mode"),
+        (None, Mode::Gateway) => {
+            anyhow::bail!("--jwt-secret (or JWT_SECRET) is required to mint tokens in gateway mode")
+        }
     };
 
     if let Some(listen) = args.metrics_listen.0 {
@@ -136,7 +144,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let ramp = ramp_start.elapsed();
     let established = live.established();
     if !args.quiet {
-        eprintln!("ramp-up: {established} of {target} devices connected in {:.1}s by {workers} workers", ramp.as_secs_f64());
+        eprintln!(
+            "ramp-up: {established} of {target} devices connected in {:.1}s by {workers} workers",
+            ramp.as_secs_f64()
+        );
     }
 
     // Nchan subscriptions reach the other nginx workers asynchronously.
@@ -348,10 +359,15 @@ impl Memory {
     async fn read(&self, ring: &Ring) -> anyhow::Result<Vec<Mem>> {
         match &self.nchan_pid_file {
             Some(pid_file) => {
-                let rss = nchan::nginx_rss_bytes(pid_file).with_context(|| format!("nginx memory (--nchan-pid-file {})", pid_file.display()))?;
+                let rss = nchan::nginx_rss_bytes(pid_file)
+                    .with_context(|| format!("nginx memory (--nchan-pid-file {})", pid_file.display()))?;
                 Ok(vec![Mem { rss, pss: nchan::nginx_pss_bytes(pid_file).ok() }])
             }
-            None => Ok(scrape_all(ring, "gateway_process_rss_bytes").await.into_iter().map(|r| Mem { rss: r as u64, pss: None }).collect()),
+            None => Ok(scrape_all(ring, "gateway_process_rss_bytes")
+                .await
+                .into_iter()
+                .map(|r| Mem { rss: r as u64, pss: None })
+                .collect()),
         }
     }
 }

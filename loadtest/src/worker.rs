@@ -368,7 +368,8 @@ async fn reconnect(
             Ok(Err(e)) => {
                 tracing::debug!("reconnect to {url} failed: {e:#}");
                 let was_refused = e.chain().any(|c| {
-                    c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
                 });
                 if was_refused && !refused.contains(&url) && refused.len() + 1 < members {
                     refused.push(url);
@@ -380,7 +381,12 @@ async fn reconnect(
         }
         state.reconnects.lock().failures += 1;
         // Jitter, so the devices of a dead node do not retry in step.
-        let jitter = splitmix(u64::from(state.counters.received.load(Ordering::Relaxed) as u32) ^ attempt as u64 ^ seqs.len() as u64 ^ user.len() as u64);
+        let jitter = splitmix(
+            u64::from(state.counters.received.load(Ordering::Relaxed) as u32)
+                ^ attempt as u64
+                ^ seqs.len() as u64
+                ^ user.len() as u64,
+        );
         let wait = backoff.mul_f64(0.5 + (jitter % 1000) as f64 / 1000.0);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -23,7 +23,8 @@ fn a_small_run_over_two_gateways_and_two_workers_loses_nothing() {
     let key = unique("lt-ci-ring");
     // Declared first, so it is dropped after the gateways.
     let vhost = Vhost::new();
-    let mut gateways = [Process::gateway(SECRET, &key, &vhost.amqp_url()), Process::gateway(SECRET, &key, &vhost.amqp_url())];
+    let mut gateways =
+        [Process::gateway(SECRET, &key, &vhost.amqp_url()), Process::gateway(SECRET, &key, &vhost.amqp_url())];
     for g in &mut gateways {
         g.wait_ready(2);
     }
@@ -45,7 +46,8 @@ fn a_small_run_over_two_gateways_and_two_workers_loses_nothing() {
         .spawn()
         .expect("loadtest starts");
     let status = wait_with_timeout(&mut run, RUN_TIMEOUT);
-    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("no report at {} ({status}): {e}", json.display()));
+    let text =
+        std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("no report at {} ({status}): {e}", json.display()));
     let r: serde_json::Value = serde_json::from_str(&text).expect("the report is JSON");
     assert!(status.success(), "loadtest run failed ({status}); report: {text}");
 
@@ -69,7 +71,10 @@ fn a_small_run_over_two_gateways_and_two_workers_loses_nothing() {
     let l = &r["latency_ms"];
     let ms = |k: &str| l[k].as_f64().unwrap_or_else(|| panic!("latency_ms.{k} missing: {l}"));
     assert!(ms("p50") > 0.0, "{l}");
-    assert!(ms("p50") <= ms("p90") && ms("p90") <= ms("p99") && ms("p99") <= ms("p999") && ms("p999") <= ms("max"), "{l}");
+    assert!(
+        ms("p50") <= ms("p90") && ms("p90") <= ms("p99") && ms("p99") <= ms("p999") && ms("p999") <= ms("max"),
+        "{l}"
+    );
 
     let gws = r["gateways"].as_array().expect("gateways listed");
     assert_eq!(gws.len(), 2, "both gateways found through Redis: {gws:?}");

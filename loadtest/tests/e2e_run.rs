@@ -21,7 +21,14 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs `loadtest run --mode e2e` with `args`; returns the JSON report.
 /// `secret`: None makes the load generator log every user in instead of
 /// minting tokens.
-fn e2e_run(backend: &Process, key: &str, amqp_url: &str, secret: Option<&str>, args: &[&str], dir: &Path) -> serde_json::Value {
+fn e2e_run(
+    backend: &Process,
+    key: &str,
+    amqp_url: &str,
+    secret: Option<&str>,
+    args: &[&str],
+    dir: &Path,
+) -> serde_json::Value {
     let json = dir.join(unique("report") + ".json");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadtest"));
     cmd.args(["run", "--mode", "e2e", "--backend-url", &format!("http://{}", backend.addr)])
@@ -39,7 +46,8 @@ fn e2e_run(backend: &Process, key: &str, amqp_url: &str, secret: Option<&str>, a
     }
     let mut run = cmd.spawn().expect("loadtest starts");
     let status = wait_with_timeout(&mut run, RUN_TIMEOUT);
-    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("no report at {} ({status}): {e}", json.display()));
+    let text =
+        std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("no report at {} ({status}): {e}", json.display()));
     let r: serde_json::Value = serde_json::from_str(&text).expect("the report is JSON");
     assert!(status.success(), "loadtest run failed ({status}); report: {text}");
     r
@@ -105,7 +113,8 @@ fn posts_created_over_http_reach_every_follower_device() {
     std::fs::create_dir_all(&dir).unwrap();
 
     // Tokens minted with the shared secret: 200 users on 4 authors, 2 devices each.
-    let args = ["--users", "200", "--devices", "2", "--fanout", "50", "--rate", "4", "--duration", "3", "--workers", "2"];
+    let args =
+        ["--users", "200", "--devices", "2", "--fanout", "50", "--rate", "4", "--duration", "3", "--workers", "2"];
     let r = e2e_run(&backend, &key, &url, Some(SECRET), &args, &dir);
     check(&r, 200, 2, 50);
     assert_eq!(r["e2e"]["seeding"]["tokens"], "minted");

@@ -51,7 +51,8 @@ impl TestBackend {
     /// membership key, cheap argon2), changed by `tweak`.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestBackend {
         let tb = TestBackend::start_unready(tweak).await;
-        wait_for("backend ready", || async { tb.client().call("GET", "/readyz", None, None).await.status == 200 }).await;
+        wait_for("backend ready", || async { tb.client().call("GET", "/readyz", None, None).await.status == 200 })
+            .await;
         tb
     }
 

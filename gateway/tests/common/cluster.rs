@@ -54,4 +54,3 @@ pub async fn wait_bindings_match(nodes: &[Node], ring: &Ring) {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
-

@@ -347,7 +347,11 @@ pub async fn post_like_backend(
     ev: &PostEvent,
 ) {
     use contract::feedcache::{CachedPost, feed_key, post_key};
-    let body = CachedPost { id: ev.id.clone(), text: ev.data.post_text.clone(), author_user_id: ev.data.author_user_id.clone() };
+    let body = CachedPost {
+        id: ev.id.clone(),
+        text: ev.data.post_text.clone(),
+        author_user_id: ev.data.author_user_id.clone(),
+    };
     let mut pipe = redis::pipe();
     pipe.set(post_key(&ev.id), serde_json::to_string(&body).unwrap()).ignore();
     for r in recipients {

@@ -56,7 +56,10 @@ impl Api {
             .strip_prefix("http://")
             .with_context(|| format!("--backend-url {base_url:?}: expected http://host:port"))?
             .trim_end_matches('/');
-        anyhow::ensure!(!hostport.is_empty() && !hostport.contains('/'), "--backend-url {base_url:?}: expected http://host:port");
+        anyhow::ensure!(
+            !hostport.is_empty() && !hostport.contains('/'),
+            "--backend-url {base_url:?}: expected http://host:port"
+        );
         Ok(Api { hostport: hostport.to_owned(), idle: Mutex::new(Vec::new()) })
     }
 
@@ -144,7 +147,12 @@ impl Api {
     /// `PUT /friend/set/{user_id}`: the token's user follows `user_id`.
     pub async fn follow(&self, token: &str, user_id: &str) -> anyhow::Result<()> {
         let a = self.call(Method::PUT, &format!("/friend/set/{user_id}"), Some(token), None).await?;
-        anyhow::ensure!((200..300).contains(&a.status), "follow: HTTP {}: {}", a.status, String::from_utf8_lossy(&a.body).trim());
+        anyhow::ensure!(
+            (200..300).contains(&a.status),
+            "follow: HTTP {}: {}",
+            a.status,
+            String::from_utf8_lossy(&a.body).trim()
+        );
         Ok(())
     }
 

@@ -115,8 +115,11 @@ impl Session {
     pub async fn seed(args: &RunArgs) -> anyhow::Result<(Population, Session)> {
         let api = Arc::new(Api::new(&args.backend_url)?);
         // Fail in a second, not after minutes of seeding, when the backend is not there.
-        Self::counters(&api).await.map_err(|e| e.context(format!("the backend at {} does not answer", args.backend_url)))?;
-        let s = seed::seed(&api, args.users, args.fanout, &args.user_prefix, args.jwt_secret.as_deref(), args.quiet).await?;
+        Self::counters(&api)
+            .await
+            .map_err(|e| e.context(format!("the backend at {} does not answer", args.backend_url)))?;
+        let s = seed::seed(&api, args.users, args.fanout, &args.user_prefix, args.jwt_secret.as_deref(), args.quiet)
+            .await?;
         let followers_per_author = followers_range(&s.audience, s.author_tokens.len() as u32);
         let population = Population { users: s.users, tokens: s.tokens, audience: s.audience };
         let session = Session {
@@ -133,7 +136,12 @@ impl Session {
     }
 
     /// Creates posts at `plan.rate` for `plan.duration` (see [`poster`]).
-    pub async fn post(&mut self, plan: &Plan, connected: &[AtomicU32], series: &Mutex<Series>) -> anyhow::Result<Published> {
+    pub async fn post(
+        &mut self,
+        plan: &Plan,
+        connected: &[AtomicU32],
+        series: &Mutex<Series>,
+    ) -> anyhow::Result<Published> {
         self.before = Self::counters(&self.api).await?;
         let (published, posts) = poster::run(&self.api, &self.author_tokens, plan, connected, series).await?;
         self.posts = Some(posts);
@@ -149,7 +157,9 @@ impl Session {
         };
         let posts = self.posts.as_ref();
         let first_start_us = posts.map_or(0, |p| p.first_start_us);
-        let window = |end_us: u64| if first_start_us > 0 && end_us > first_start_us { (end_us - first_start_us) as f64 / 1e6 } else { 0.0 };
+        let window = |end_us: u64| {
+            if first_start_us > 0 && end_us > first_start_us { (end_us - first_start_us) as f64 / 1e6 } else { 0.0 }
+        };
         let per_s = |n: u64, w: f64| if w > 0.0 { n as f64 / w } else { 0.0 };
         let post_window = window(posts.map_or(0, |p| p.last_end_us));
         let fanout_window = window(last_receipt_us);
@@ -207,8 +217,15 @@ impl E2eReport {
         let s = &self.seeding;
         println!(
             "seeding       {} users registered in {:.1}s, tokens {} in {:.1}s, {} follows in {:.1}s ({} authors, {}-{} followers each)",
-            s.registered, s.register_s, if s.tokens == "login" { "from login" } else { s.tokens }, s.tokens_s, s.follows, s.follow_s, self.authors,
-            self.followers_per_author.0, self.followers_per_author.1
+            s.registered,
+            s.register_s,
+            if s.tokens == "login" { "from login" } else { s.tokens },
+            s.tokens_s,
+            s.follows,
+            s.follow_s,
+            self.authors,
+            self.followers_per_author.0,
+            self.followers_per_author.1
         );
         println!(
             "posts (HTTP)  {} created  {} failed  = {:.1} posts/s over {:.2}s  latency ms p50 {:.2}  p99 {:.2}  max {:.2}",

@@ -66,7 +66,14 @@ pub fn authors_for(users: u32, fanout: u32) -> u32 {
 
 /// Registers `users` followers and their authors (names: `prefix` and an
 /// index), gets their tokens, makes the follows.
-pub async fn seed(api: &Arc<Api>, users: u32, fanout: u32, prefix: &str, secret: Option<&str>, quiet: bool) -> anyhow::Result<Seeded> {
+pub async fn seed(
+    api: &Arc<Api>,
+    users: u32,
+    fanout: u32,
+    prefix: &str,
+    secret: Option<&str>,
+    quiet: bool,
+) -> anyhow::Result<Seeded> {
     let authors = authors_for(users, fanout);
     let total = (users + authors) as usize;
     let say = |s: String| {
@@ -139,7 +146,14 @@ pub async fn seed(api: &Arc<Api>, users: u32, fanout: u32, prefix: &str, secret:
         tokens,
         author_tokens,
         audience,
-        times: Seeding { registered: total as u64, register_s, tokens: how, tokens_s, follows: u64::from(users), follow_s },
+        times: Seeding {
+            registered: total as u64,
+            register_s,
+            tokens: how,
+            tokens_s,
+            follows: u64::from(users),
+            follow_s,
+        },
     })
 }
 
@@ -199,7 +213,11 @@ mod tests {
             let mut out = Vec::new();
             for seq in 0..authors {
                 a.recipients(seq, &mut out);
-                assert!(out.len() >= fanout.min(users) as usize, "{users} users, fanout {fanout}: {} followers", out.len());
+                assert!(
+                    out.len() >= fanout.min(users) as usize,
+                    "{users} users, fanout {fanout}: {} followers",
+                    out.len()
+                );
             }
         }
         assert_eq!(authors_for(200, 50), 4);
