@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check   # a formatting diff fails the run (style: rustfmt.toml)
 cargo clippy --workspace --all-targets -- -D warnings   # lints: [workspace.lints] in Cargo.toml
 bash scripts/services.sh
+bash scripts/nchan.sh ensure   # nginx + Nchan for loadtest/tests/nchan.rs: cargo test installs nothing, it fails without them
 cargo test --workspace --all-targets
 bash scripts/check-compose.sh   # docker-compose.yml, Prometheus and Grafana config (no Docker needed)

@@ -2,7 +2,9 @@
 //! free loopback port (own run directory), devices connect with the same
 //! client code as against our gateway, and `loadtest::nchan::Publisher`
 //! publishes. Each subscriber must get exactly the published bytes, in a
-//! text frame; a user who is not a recipient gets nothing.
+//! text frame; a user who is not a recipient gets nothing. nginx and the
+//! Nchan module must be installed (`scripts/nchan.sh ensure`, run by
+//! `scripts/test.sh`): without them the test fails, it never installs.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,9 @@ use loadtest::client::{self, Ws};
 use loadtest::nchan::{self, Publisher};
 
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+/// What `scripts/nchan.sh ensure` installs (the paths the script checks).
+const NGINX: &str = "/usr/sbin/nginx";
+const NCHAN_MODULE: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nchan.sh")
@@ -50,17 +55,17 @@ impl Drop for Nginx {
     }
 }
 
-/// Installs (when missing) and starts nginx + Nchan; None, with the reason
-/// printed, only when it cannot be installed on this machine.
-fn start_nginx() -> Option<Nginx> {
-    let ensure = Command::new(script()).arg("ensure").output().expect("run scripts/nchan.sh ensure");
-    if !ensure.status.success() {
-        eprintln!(
-            "SKIPPED: nginx with Nchan cannot be installed here: {}",
-            String::from_utf8_lossy(&ensure.stderr).trim()
-        );
-        return None;
-    }
+/// Starts nginx + Nchan. It must be installed already (`scripts/nchan.sh
+/// ensure`, which `scripts/test.sh` runs): a test installs nothing, and a
+/// missing dependency fails here with the command that provides it.
+fn start_nginx() -> Nginx {
+    let missing: Vec<&str> = [NGINX, NCHAN_MODULE].into_iter().filter(|p| !Path::new(p).exists()).collect();
+    assert!(
+        missing.is_empty(),
+        "nginx with Nchan is not installed ({} missing): run `scripts/nchan.sh ensure` first \
+         (scripts/test.sh does), or leave this test out with `cargo test -p loadtest -- --skip nchan_`",
+        missing.join(", ")
+    );
     let port = std::net::TcpListener::bind((LOOPBACK, 0)).unwrap().local_addr().unwrap().port();
     let run_dir = std::env::temp_dir().join(format!("nchan-test-{}-{port}", std::process::id()));
     let nginx = Nginx { run_dir, port };
@@ -71,7 +76,7 @@ fn start_nginx() -> Option<Nginx> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(nginx)
+    nginx
 }
 
 /// A device on `/sub/<user>` (the URL of `nchan::subscribe_url`): the same
@@ -147,7 +152,7 @@ fn event_bytes(seq: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nchan_delivers_the_published_bytes_to_each_recipient_only() {
-    let Some(nginx) = start_nginx() else { return };
+    let nginx = start_nginx();
     let base = nginx.base();
     // The run's user ids: all but dave are one more than the multiplexed-
     // publish limit, so a publish to them takes two requests.
