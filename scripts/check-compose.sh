@@ -5,6 +5,8 @@
 #    binaries read (their clap `env = "..."` definitions),
 #  - prometheus/prometheus.yml parses and scrapes exactly the backend and
 #    gateway ports the compose file defines,
+#  - promtool loads prometheus.yml and alerts.yml, and the rules pass
+#    their unit tests (prometheus/alerts.test.yml),
 #  - the Grafana provisioning parses, every dashboard JSON parses, and the
 #    dashboards only query metrics the code registers.
 # Fails loudly (non-zero, with the reason) on any of these. Run by
@@ -76,10 +78,14 @@ yaml_python() {
 COMPOSE=$(compose_bin)
 say "using $("$COMPOSE" version)"
 
-# Compose reads these from the environment; keep the caller's out.
+# Compose reads these from the environment; keep the caller's out. The
+# secrets the stack requires get placeholders, unless named in $WITHOUT
+# (checked below: without them it must refuse to start).
 compose() {
-  env -u COMPOSE_FILE -u COMPOSE_PROFILES -u COMPOSE_PROJECT_NAME -u JWT_SECRET \
-    "$COMPOSE" --project-directory . -f "$COMPOSE_FILE_PATH" --profile loadtest "$@"
+  local secrets=(JWT_SECRET=check-compose-placeholder GRAFANA_ADMIN_PASSWORD=check-compose) set=() kv
+  for kv in "${secrets[@]}"; do [[ " ${WITHOUT:-} " == *" ${kv%%=*} "* ]] || set+=("$kv"); done
+  env -u COMPOSE_FILE -u COMPOSE_PROFILES -u COMPOSE_PROJECT_NAME -u JWT_SECRET -u GRAFANA_ADMIN_PASSWORD \
+    -u FEEDGATE_BIND "${set[@]}" "$COMPOSE" --project-directory . -f "$COMPOSE_FILE_PATH" --profile loadtest "$@"
 }
 
 # 1. Compose's own validation. Warnings (an unset variable, an obsolete
@@ -90,8 +96,28 @@ if ! compose config -q 2>"$out"; then
 fi
 if [ -s "$out" ]; then cat "$out" >&2; die "docker-compose config warned about $COMPOSE_FILE_PATH"; fi
 say "docker-compose config -q: $COMPOSE_FILE_PATH is valid"
+# No known default secret: without JWT_SECRET (or the Grafana password) the
+# stack refuses to start, naming the variable.
+for var in JWT_SECRET GRAFANA_ADMIN_PASSWORD; do
+  if WITHOUT=$var compose config -q 2>"$out"; then die "docker-compose config accepts $COMPOSE_FILE_PATH without $var"; fi
+  grep -q "$var" "$out" || { cat "$out" >&2; die "without $var, docker-compose config does not name it"; }
+done
+say "the stack refuses to start without JWT_SECRET or GRAFANA_ADMIN_PASSWORD"
 
-# 2. Dashboards are JSON.
+# 2. Prometheus's config and alert rules load, and the rules pass their unit
+#    tests. promtool comes with Debian's `prometheus` package.
+if ! command -v promtool >/dev/null; then
+  say "installing promtool (Debian package prometheus)"
+  { apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null; }; } \
+    || die "apt-get install prometheus failed (promtool is needed for the alert rules)"
+fi
+promtool check config --syntax-only prometheus/prometheus.yml >/dev/null || die "promtool rejects prometheus/prometheus.yml"
+promtool check rules prometheus/alerts.yml >/dev/null || die "promtool rejects prometheus/alerts.yml"
+(cd prometheus && promtool test rules alerts.test.yml) || die "the alert rules fail their tests (prometheus/alerts.test.yml)"
+say "promtool: prometheus.yml and alerts.yml load; alerts.test.yml passes"
+
+# 3. Dashboards are JSON.
 shopt -s nullglob
 dashboards=(grafana/dashboards/*.json)
 [ ${#dashboards[@]} -gt 0 ] || die "no dashboards in grafana/dashboards"
@@ -100,7 +126,7 @@ for f in "${dashboards[@]}"; do
 done
 say "dashboards parse: ${dashboards[*]}"
 
-# 3. Cross-checks on the normalized compose config, Prometheus, Grafana.
+# 4. Cross-checks on the normalized compose config, Prometheus, Grafana.
 compose config --format json > "$out.json" 2>"$out" || { cat "$out" >&2; die "docker-compose config --format json failed"; }
 PY=$(yaml_python)
 "$PY" - "$out.json" <<'PYEOF' || die "cross-checks failed (see above)"
@@ -210,6 +236,13 @@ for path in sorted(glob.glob("grafana/dashboards/*.json")):
                     missing_spec.add(base)
                 else:
                     err(f"{path}: panel {p.get('title')!r} queries {m}, which no */src file registers")
+# Alert rules, too, only use metrics the code (or an exporter) provides.
+for group in yaml.safe_load(open("prometheus/alerts.yml"))["groups"]:
+    for rule in group["rules"]:
+        for m in re.findall(r"\b((?:gateway|backend|loadtest)_[a-z0-9_]+)", rule["expr"]):
+            base = re.sub(r"_(bucket|sum|count)$", "", m)
+            if f'"{m}"' not in sources and f'"{base}"' not in sources:
+                err(f"prometheus/alerts.yml: {rule['alert']} uses {m}, which no */src file registers")
 for m in sorted(missing_spec):
     print(f"check-compose: note: {m} (SPEC) is not exported by the code yet; its panels stay empty")
 

@@ -23,6 +23,7 @@ pub fn install() -> PrometheusHandle {
                 .expect("buckets are not empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
+            process_collector().describe();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -120,6 +121,14 @@ impl Default for Metrics {
     }
 }
 
+/// The standard `process_*` metrics (CPU seconds, RSS, open files and their
+/// limit, threads), from the `metrics-process` crate: the open-file count is
+/// what runs out first on a node holding devices.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
 /// This process's resident set size, from `/proc/self/statm` (Linux).
 pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -128,8 +137,10 @@ pub fn resident_bytes() -> Option<u64> {
 }
 
 impl Metrics {
-    /// Refreshes the memory gauges (called when `/metrics` is scraped).
+    /// Refreshes the memory gauges and the `process_*` metrics (called when
+    /// `/metrics` is scraped).
     pub fn refresh_memory(&self) {
+        process_collector().collect();
         if let Some(rss) = resident_bytes() {
             self.rss_bytes.set(rss as f64);
         }

@@ -104,7 +104,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub charts: Option<PathBuf>,
     /// Where to serve the load generator's own /metrics, or `off`.
-    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_listen)]
+    #[arg(long, env = "LOADTEST_METRICS_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
     pub metrics_listen: Listen,
     /// No progress bars.
     #[arg(long)]
