@@ -43,8 +43,11 @@ pub const CLOSE_MOVED: u16 = 4001;
 /// goes away.
 pub async fn run(gw: Arc<Gateway>) {
     let mut backoff = MIN_BACKOFF;
-    loop {
-        let result = consume(&gw, &mut backoff).await;
+    // Several URLs are nodes of one RabbitMQ cluster: after a loss, the next.
+    let urls: Vec<String> = gw.config.amqp_urls().map(str::to_owned).collect();
+    for attempt in 0usize.. {
+        let url = &urls[attempt % urls.len()];
+        let result = consume(&gw, url, &mut backoff).await;
         gw.broker_ready.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return,
@@ -62,7 +65,7 @@ pub async fn run(gw: Arc<Gateway>) {
 }
 
 /// One connection's life: returns `Ok` only when told to stop consuming.
-async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()> {
+async fn consume(gw: &Arc<Gateway>, url: &str, backoff: &mut Duration) -> anyhow::Result<()> {
     let node = gw.config.node_id();
     let mut wanted = gw.wanted_ring.subscribe();
     // Bind nothing before membership has been read once.
@@ -72,7 +75,7 @@ async fn consume(gw: &Arc<Gateway>, backoff: &mut Duration) -> anyhow::Result<()
     };
     let props = ConnectionProperties::default().with_connection_name(format!("gateway {node}").into());
     let conn = tokio::select! {
-        c = Connection::connect(&gw.config.amqp_url, props) => c?,
+        c = Connection::connect(url, props) => c?,
         _ = gw.stop_consuming.cancelled() => return Ok(()),
     };
     let ch = conn.create_channel().await?;

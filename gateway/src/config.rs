@@ -14,6 +14,8 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8084")]
     pub listen: SocketAddr,
 
+    /// RabbitMQ: one URL, or several comma-separated URLs of the nodes of
+    /// one RabbitMQ cluster (tried in turn when a connection is lost).
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
 
@@ -98,8 +100,20 @@ impl Config {
             return Err(format!("GATEWAY_ADVERTISE_URL (--advertise-url) {url:?} must start with ws:// or wss://"));
         }
         self.advertise_url = Some(url.trim_end_matches('/').to_owned());
-        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
-            return Err(format!("AMQP_URL (--amqp-url) {:?} must be an amqp:// URL", self.amqp_url));
+        if self.amqp_urls().next().is_none() {
+            return Err("AMQP_URL (--amqp-url) must name at least one amqp:// URL".into());
+        }
+        for url in self.amqp_urls() {
+            let parsed = url.parse::<lapin::uri::AMQPUri>();
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) || parsed.is_err() {
+                let why = parsed.err().unwrap_or_else(|| "not an amqp:// or amqps:// URL".into());
+                return Err(format!("AMQP_URL (--amqp-url) {url:?} is not a usable AMQP URL: {why}"));
+            }
+        }
+        // Parsing checks the form only; nothing is connected here, so a
+        // Redis that is down at start is waited for, not refused.
+        if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
+            return Err(format!("REDIS_URL (--redis-url) {:?} is not a usable Redis URL: {e}", self.redis_url));
         }
         if !self.static_members.is_empty()
             && !self.static_members.iter().any(|m| Some(&m.node_id) == self.node_id.as_ref())
@@ -121,6 +135,11 @@ impl Config {
         Ok(self)
     }
 
+    /// The broker URLs, in the order they are tried.
+    pub fn amqp_urls(&self) -> impl Iterator<Item = &str> {
+        self.amqp_url.split(',').map(str::trim).filter(|u| !u.is_empty())
+    }
+
     pub fn node_id(&self) -> &str {
         self.node_id.as_deref().expect("validated")
     }
@@ -132,5 +151,35 @@ impl Config {
     /// A config for tests and embedding: defaults, with the given secret.
     pub fn for_tests(jwt_secret: &str) -> Config {
         Config::parse_from(["gateway", "--jwt-secret", jwt_secret])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(args: &[&str]) -> Result<Config, String> {
+        let base = ["gateway", "--jwt-secret", "0123456789abcdef0123"];
+        Config::parse_from(base.iter().chain(args)).validate()
+    }
+
+    #[test]
+    fn a_bad_broker_or_redis_url_is_refused_naming_the_setting() {
+        assert!(with(&[]).is_ok());
+        let e = with(&["--redis-url", "http://127.0.0.1:6379"]).unwrap_err();
+        assert!(e.starts_with("REDIS_URL (--redis-url)"), "{e}");
+        let e = with(&["--redis-url", "redis://127.0.0.1:notaport"]).unwrap_err();
+        assert!(e.starts_with("REDIS_URL (--redis-url)"), "{e}");
+        let e = with(&["--amqp-url", "amqp://guest:guest@127.0.0.1:notaport/%2f"]).unwrap_err();
+        assert!(e.starts_with("AMQP_URL (--amqp-url)"), "{e}");
+        let e = with(&["--amqp-url", "http://127.0.0.1:5672"]).unwrap_err();
+        assert!(e.starts_with("AMQP_URL (--amqp-url)"), "{e}");
+        assert!(with(&["--amqp-url", " , "]).unwrap_err().starts_with("AMQP_URL"));
+    }
+
+    #[test]
+    fn several_broker_urls_are_the_nodes_of_one_cluster() {
+        let c = with(&["--amqp-url", "amqp://a:5672/%2f, amqp://b:5673/%2f"]).unwrap();
+        assert_eq!(c.amqp_urls().collect::<Vec<_>>(), ["amqp://a:5672/%2f", "amqp://b:5673/%2f"]);
     }
 }

@@ -16,7 +16,6 @@ use common::*;
 use contract::membership;
 use contract::ring::Ring;
 use contract::slot::{SLOTS, slot_of};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn a_node_joins_then_one_leaves_and_devices_lose_nothing() {
@@ -24,15 +23,12 @@ async fn a_node_joins_then_one_leaves_and_devices_lose_nothing() {
     let mut nodes = cluster(3, &key).await;
     let three = Ring::new(membership::fetch(&mut redis_conn().await, &key).await.unwrap());
     let users: Vec<String> = (0..60).map(|i| unique(&format!("m{i}"))).collect();
-    let stop = CancellationToken::new();
-    let entry = format!("ws://{}", nodes[0].addr);
-    let devices: Vec<_> =
-        users.iter().map(|u| tokio::spawn(smart_device(entry.clone(), u.clone(), stop.clone()))).collect();
+    let devices = Devices::start(&format!("ws://{}", nodes[0].addr), &users);
     wait_for("devices connected", || async { nodes.iter().map(|n| n.gw.sessions.device_count()).sum::<usize>() == 60 })
         .await;
 
     let publishing = publish_series(users.clone(), key.clone(), 80, Duration::from_millis(40));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    publishing.wait_published(20).await;
     let key4 = key.clone();
     nodes.push(Node::start(move |c| c.membership_key = key4).await);
     wait_converged(&nodes).await;
@@ -42,7 +38,7 @@ async fn a_node_joins_then_one_leaves_and_devices_lose_nothing() {
     assert!(moved.iter().all(|&s| four.owner(s).unwrap().node_id == new_id), "only slots to the new node move");
     assert!((150..400).contains(&moved.len()), "{} slots moved, expected about 256", moved.len());
 
-    let mut all: BTreeSet<String> = publishing.await.unwrap().into_iter().collect();
+    let mut all: BTreeSet<String> = publishing.finish().await.into_iter().collect();
     wait_for("every device served", || async {
         nodes.iter().map(|n| n.gw.sessions.device_count()).sum::<usize>() == 60
     })
@@ -52,7 +48,7 @@ async fn a_node_joins_then_one_leaves_and_devices_lose_nothing() {
     // Then one of the first three leaves cleanly, under load: exactly its
     // slots move, to the others; its devices get 1001 and come back.
     let publishing = publish_series(users.clone(), key.clone(), 80, Duration::from_millis(40));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    publishing.wait_published(20).await;
     let mut leaver = nodes.remove(1);
     let leaver_id = leaver.gw.config.node_id().to_owned();
     leaver.stop().await;
@@ -61,33 +57,31 @@ async fn a_node_joins_then_one_leaves_and_devices_lose_nothing() {
     let left: Vec<u16> = (0..SLOTS).filter(|&s| four.owner(s) != after.owner(s)).collect();
     assert!(left.iter().all(|&s| four.owner(s).unwrap().node_id == leaver_id), "only the leaver's slots move");
     assert_eq!(left.len(), four.slots_of(&leaver_id).len());
-    all.extend(publishing.await.unwrap());
+    all.extend(publishing.finish().await);
     wait_for("every device served again", || async {
         nodes.iter().map(|n| n.gw.sessions.device_count()).sum::<usize>() == 60
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.cancel();
+    devices.wait_complete(&all, WAIT).await;
 
     let (mut moved_devices, mut left_devices, mut duplicates) = (0, 0, 0);
-    for (u, d) in users.iter().zip(devices) {
-        let log = d.await.unwrap();
+    for (u, log) in devices.finish().await {
         let missing: Vec<_> = all.difference(&log.ids).collect();
         assert!(
             missing.is_empty(),
             "{u} (joiner's: {}, leaver's: {}, 4001s {}, reconnects {}) lost {} events: {missing:?}",
-            moved.contains(&slot_of(u)),
-            left.contains(&slot_of(u)),
+            moved.contains(&slot_of(&u)),
+            left.contains(&slot_of(&u)),
             log.moved,
             log.reconnects,
             missing.len()
         );
         duplicates += log.duplicates.len();
-        if moved.contains(&slot_of(u)) {
+        if moved.contains(&slot_of(&u)) {
             assert!(log.moved >= 1, "{u} moved to the new node but got no 4001");
             moved_devices += 1;
         }
-        if left.contains(&slot_of(u)) {
+        if left.contains(&slot_of(&u)) {
             left_devices += 1;
         }
     }

@@ -369,14 +369,11 @@ pub async fn post_like_backend(
 
 /// Publishes `count` posts to all `users`, one every `every`, the way a
 /// backend would: the ring is read from the membership `key` before each
-/// post (so it lags membership changes a little). Returns the post ids.
-pub fn publish_series(
-    users: Vec<String>,
-    key: String,
-    count: u64,
-    every: Duration,
-) -> tokio::task::JoinHandle<Vec<String>> {
-    tokio::spawn(async move {
+/// post (so it lags membership changes a little).
+pub fn publish_series(users: Vec<String>, key: String, count: u64, every: Duration) -> Series {
+    let published = Arc::new(AtomicU64::new(0));
+    let done = published.clone();
+    let handle = tokio::spawn(async move {
         let publisher = Publisher::new().await;
         let mut redis = redis_conn().await;
         let mut ids = Vec::new();
@@ -388,10 +385,30 @@ pub fn publish_series(
             ev.data.post_id = ev.id.clone();
             post_like_backend(&mut redis, &publisher, &ring, &users, &ev).await;
             ids.push(ev.id);
+            done.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(every).await;
         }
         ids
-    })
+    });
+    Series { handle, published }
+}
+
+/// Posts being published in the background.
+pub struct Series {
+    handle: JoinHandle<Vec<String>>,
+    published: Arc<AtomicU64>,
+}
+
+impl Series {
+    /// Waits until at least `n` posts are out (failing the test after `WAIT`).
+    pub async fn wait_published(&self, n: u64) {
+        wait_for(&format!("{n} posts published"), || async { self.published.load(Ordering::Relaxed) >= n }).await;
+    }
+
+    /// Waits for the last post; returns every post id.
+    pub async fn finish(self) -> Vec<String> {
+        self.handle.await.expect("publisher task")
+    }
 }
 
 pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
@@ -406,54 +423,124 @@ pub struct DeviceLog {
     /// Events received more than once (recovery and live overlapping).
     pub duplicates: Vec<String>,
     pub reconnects: u32,
+    /// Close codes received (other than 4001), and how often.
+    pub closes: std::collections::BTreeMap<u16, u32>,
 }
 
 /// A device that behaves as SPEC asks of clients: on 4001 it reconnects to
 /// the URL in the reason, on any other loss it reconnects through `entry`,
 /// and it always asks for `?since=` the newest id it has.
 pub async fn smart_device(entry: String, user: String, stop: tokio_util::sync::CancellationToken) -> DeviceLog {
+    let log = Arc::new(parking_lot::Mutex::new(DeviceLog::default()));
+    smart_device_logging(entry, user, stop, log.clone()).await;
+    std::mem::take(&mut *log.lock())
+}
+
+/// [`smart_device`] writing into a log the test can read while it runs.
+pub async fn smart_device_logging(
+    entry: String,
+    user: String,
+    stop: tokio_util::sync::CancellationToken,
+    log: Arc<parking_lot::Mutex<DeviceLog>>,
+) {
     use futures_util::StreamExt;
     let token = token_for(&user);
-    let mut log = DeviceLog::default();
     let mut url = entry.clone();
     while !stop.is_cancelled() {
-        let since = log.ids.iter().next_back().map(|s| format!("&since={s}")).unwrap_or_default();
+        let newest = log.lock().ids.iter().next_back().cloned();
+        let since = newest.map(|s| format!("&since={s}")).unwrap_or_default();
         let full = format!("{url}/post/feed/posted?token={token}{since}");
         let ws = tokio::time::timeout(Duration::from_secs(3), tokio_tungstenite::connect_async(full)).await;
         let Ok(Ok((mut ws, _))) = ws else {
             url = entry.clone();
-            log.reconnects += 1;
+            log.lock().reconnects += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         loop {
             let msg = tokio::select! {
                 m = ws.next() => m,
-                _ = stop.cancelled() => return log,
+                _ = stop.cancelled() => return,
             };
             match msg {
                 Some(Ok(Message::Text(t))) => {
                     let ev: PostEvent = serde_json::from_str(&t).unwrap();
+                    let mut log = log.lock();
                     if !log.ids.insert(ev.id.clone()) {
                         log.duplicates.push(ev.id);
                     }
                 }
                 Some(Ok(Message::Close(Some(c)))) if u16::from(c.code) == 4001 => {
                     url = c.reason.to_string();
-                    log.moved += 1;
+                    log.lock().moved += 1;
                     break;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                _ => {
+                other => {
                     url = entry.clone();
-                    log.reconnects += 1;
+                    {
+                        let mut log = log.lock();
+                        log.reconnects += 1;
+                        if let Some(Ok(Message::Close(Some(c)))) = other {
+                            *log.closes.entry(u16::from(c.code)).or_default() += 1;
+                        }
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     break;
                 }
             }
         }
     }
-    log
+}
+
+/// Smart devices, one per user, whose logs can be read while they run.
+pub struct Devices {
+    pub users: Vec<String>,
+    logs: Vec<Arc<parking_lot::Mutex<DeviceLog>>>,
+    tasks: Vec<JoinHandle<()>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Devices {
+    /// Starts one [`smart_device`] per user, all entering through `entry`.
+    pub fn start(entry: &str, users: &[String]) -> Devices {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let logs: Vec<_> = users.iter().map(|_| Arc::new(parking_lot::Mutex::new(DeviceLog::default()))).collect();
+        let tasks = users
+            .iter()
+            .zip(&logs)
+            .map(|(u, log)| tokio::spawn(smart_device_logging(entry.to_owned(), u.clone(), stop.clone(), log.clone())))
+            .collect();
+        Devices { users: users.to_vec(), logs, tasks, stop }
+    }
+
+    /// How many devices have every one of `ids`.
+    pub fn complete(&self, ids: &std::collections::BTreeSet<String>) -> usize {
+        self.logs.iter().filter(|l| ids.is_subset(&l.lock().ids)).count()
+    }
+
+    /// Waits (up to `within`) until every device has every one of `ids`;
+    /// returns how long that took, or `None` if some never did (the test
+    /// then reports what is missing).
+    pub async fn wait_complete(&self, ids: &std::collections::BTreeSet<String>, within: Duration) -> Option<Duration> {
+        let start = tokio::time::Instant::now();
+        while self.complete(ids) < self.logs.len() {
+            if start.elapsed() > within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(start.elapsed())
+    }
+
+    /// Stops every device; returns (user, log) pairs.
+    pub async fn finish(self) -> Vec<(String, DeviceLog)> {
+        self.stop.cancel();
+        for t in self.tasks {
+            t.await.expect("device task");
+        }
+        self.users.into_iter().zip(self.logs).map(|(u, l)| (u, std::mem::take(&mut *l.lock()))).collect()
+    }
 }
 
 /// The rows of `rabbitmqctl list_<what> <columns>` in this process's
