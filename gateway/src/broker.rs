@@ -37,7 +37,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Acknowledge at most this many deliveries in one `multiple` ack.
 const ACK_BATCH: u64 = 64;
 /// Close code for a device whose user moved to another node.
-pub const CLOSE_MOVED: u16 = 4001;
+pub const CLOSE_MOVED: crate::close::CloseCode = crate::close::CloseCode::Moved;
 
 /// Runs until the node stops consuming, reconnecting whenever the broker
 /// goes away.

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 
+use crate::close::CloseCode;
 use crate::frame::{self, ClientFrame, FrameReader, ReadError};
 use crate::outbox::{Batch, Close, Queued};
 use crate::sessions::{CLOSE_TOO_MANY_DEVICES, Device};
@@ -100,20 +101,23 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
                 device.missed_pings.store(0, Ordering::Relaxed);
                 match r {
                     Ok(ClientFrame::Ping(payload)) => device.outbox.push_control(frame::encode(frame::OP_PONG, &payload)),
-                    Ok(ClientFrame::Pong | ClientFrame::Data) => {}
+                    Ok(ClientFrame::Pong | ClientFrame::Data { .. }) => {}
                     Ok(ClientFrame::Close(code)) => {
                         // Echo the client's code, as RFC 6455 asks.
-                        let code = code.filter(|c| (1000..5000).contains(c)).unwrap_or(1000);
                         device.outbox.close(Close::Frame { code, reason: String::new() });
                         break false;
                     }
-                    Err(ReadError::TooBig) => {
-                        gw.metrics.oversize_closes.increment(1);
-                        device.outbox.close(Close::Frame { code: 1009, reason: "frame too big".into() });
-                        break false;
-                    }
-                    Err(ReadError::Protocol(why)) => {
-                        device.outbox.close(Close::Frame { code: 1002, reason: why.into() });
+                    Err(e @ (ReadError::TooBig | ReadError::Protocol(_) | ReadError::Utf8(_))) => {
+                        if e == ReadError::TooBig {
+                            gw.metrics.oversize_closes.increment(1);
+                        }
+                        let code = e.close_code().expect("a frame error has a close code");
+                        let reason = match e {
+                            ReadError::TooBig => "frame too big",
+                            ReadError::Protocol(why) | ReadError::Utf8(why) => why,
+                            _ => "",
+                        };
+                        device.outbox.close(Close::Frame { code, reason: reason.into() });
                         break false;
                     }
                     Err(ReadError::Eof | ReadError::Io(_)) => {
@@ -166,15 +170,17 @@ async fn recover(gw: &Gateway, device: &Device, since: &str) {
         }
         Ok(Err(e)) => {
             tracing::warn!("feed recovery failed: {e}");
-            device
-                .outbox
-                .close_discarding(Close::Frame { code: 1011, reason: "feed recovery unavailable, retry".into() });
+            device.outbox.close_discarding(Close::Frame {
+                code: CloseCode::Internal,
+                reason: "feed recovery unavailable, retry".into(),
+            });
         }
         Err(_) => {
             tracing::warn!("feed recovery timed out");
-            device
-                .outbox
-                .close_discarding(Close::Frame { code: 1011, reason: "feed recovery timed out, retry".into() });
+            device.outbox.close_discarding(Close::Frame {
+                code: CloseCode::Internal,
+                reason: "feed recovery timed out, retry".into(),
+            });
         }
     }
 }

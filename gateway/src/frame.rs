@@ -14,6 +14,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::close::{self, CloseCode};
+
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
@@ -59,9 +61,9 @@ pub fn payload(frame: &[u8]) -> Option<&[u8]> {
 }
 
 /// Encodes a close frame; the reason is cut to fit a control frame.
-pub fn close(code: u16, reason: &str) -> Bytes {
+pub fn close(code: CloseCode, reason: &str) -> Bytes {
     let mut payload = Vec::with_capacity(2 + reason.len());
-    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&code.code().to_be_bytes());
     let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
     while !reason.is_char_boundary(end) {
         end -= 1;
@@ -75,11 +77,17 @@ pub fn close(code: u16, reason: &str) -> Bytes {
 pub enum ClientFrame {
     Ping(Bytes),
     Pong,
-    /// The close code the client sent, if any.
-    Close(Option<u16>),
-    /// A text, binary or continuation frame. The feed is push-only, so its
-    /// content is read and dropped; only its size is checked.
-    Data,
+    /// A valid close frame, and the code to answer it with.
+    Close(CloseCode),
+    /// A text, binary or continuation frame. The feed is push-only, so the
+    /// gateway drops its content (the echo mode for conformance tests
+    /// sends it back); its size and, for text, its UTF-8 are checked.
+    Data {
+        /// The frame's opcode (text, binary or continuation).
+        opcode: u8,
+        fin: bool,
+        payload: Bytes,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -92,6 +100,20 @@ pub enum ReadError {
     TooBig,
     #[error("protocol error: {0}")]
     Protocol(&'static str),
+    #[error("invalid UTF-8: {0}")]
+    Utf8(&'static str),
+}
+
+impl ReadError {
+    /// The close code to answer with, if a close frame can still be sent.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            ReadError::Eof | ReadError::Io(_) => None,
+            ReadError::TooBig => Some(CloseCode::TooBig),
+            ReadError::Protocol(_) => Some(CloseCode::Protocol),
+            ReadError::Utf8(_) => Some(CloseCode::InvalidPayload),
+        }
+    }
 }
 
 impl From<std::io::Error> for ReadError {
@@ -114,6 +136,10 @@ pub struct FrameReader {
     /// Bytes of the current fragmented message so far.
     message_len: usize,
     in_fragmented_message: bool,
+    /// The message being read is text, so its bytes must be UTF-8.
+    message_is_text: bool,
+    /// The start of a UTF-8 sequence cut by a fragment boundary.
+    utf8: Utf8Tail,
 }
 
 impl FrameReader {
@@ -126,6 +152,8 @@ impl FrameReader {
             payload_len: 0,
             message_len: 0,
             in_fragmented_message: false,
+            message_is_text: false,
+            utf8: Utf8Tail::default(),
         }
     }
 
@@ -192,15 +220,21 @@ impl FrameReader {
         match opcode {
             OP_PING => Ok(ClientFrame::Ping(Bytes::from(payload))),
             OP_PONG => Ok(ClientFrame::Pong),
-            OP_CLOSE => match payload.len() {
-                0 => Ok(ClientFrame::Close(None)),
-                1 => Err(ReadError::Protocol("close frame of one byte")),
-                _ => Ok(ClientFrame::Close(Some(u16::from_be_bytes([payload[0], payload[1]])))),
+            OP_CLOSE => match close::answer_to_client_close(&payload) {
+                Ok(code) => Ok(ClientFrame::Close(code)),
+                Err((CloseCode::InvalidPayload, why)) => Err(ReadError::Utf8(why)),
+                Err((_, why)) => Err(ReadError::Protocol(why)),
             },
             OP_TEXT | OP_BINARY | OP_CONTINUATION => {
                 let continuation = opcode == OP_CONTINUATION;
                 if continuation != self.in_fragmented_message {
                     return Err(ReadError::Protocol("unexpected continuation state"));
+                }
+                if !continuation {
+                    self.message_is_text = opcode == OP_TEXT;
+                }
+                if self.message_is_text && !self.utf8.check(&payload, fin) {
+                    return Err(ReadError::Utf8("text message is not UTF-8"));
                 }
                 if fin {
                     self.in_fragmented_message = false;
@@ -209,7 +243,7 @@ impl FrameReader {
                     self.in_fragmented_message = true;
                     self.message_len += len;
                 }
-                Ok(ClientFrame::Data)
+                Ok(ClientFrame::Data { opcode, fin, payload: Bytes::from(payload) })
             }
             _ => Err(ReadError::Protocol("unknown opcode")),
         }
@@ -222,6 +256,49 @@ impl FrameReader {
         }
         self.head_len += n;
         Ok(())
+    }
+}
+
+/// Checks a text message fragment by fragment: a fragment may end inside
+/// a multi-byte sequence, whose first bytes (at most 3) wait here for the
+/// next fragment.
+#[derive(Debug, Default)]
+struct Utf8Tail {
+    bytes: [u8; 4],
+    len: u8,
+}
+
+impl Utf8Tail {
+    /// Whether the message is still valid UTF-8 after `data`; `fin` ends it.
+    fn check(&mut self, mut data: &[u8], fin: bool) -> bool {
+        if self.len > 0 {
+            let need = match self.bytes[0] {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            while usize::from(self.len) < need && !data.is_empty() {
+                self.bytes[usize::from(self.len)] = data[0];
+                self.len += 1;
+                data = &data[1..];
+            }
+            match std::str::from_utf8(&self.bytes[..usize::from(self.len)]) {
+                Ok(_) => self.len = 0,
+                // Still a valid start, and this fragment had no more bytes.
+                Err(e) if e.error_len().is_none() => return !fin,
+                Err(_) => return false,
+            }
+        }
+        match std::str::from_utf8(data) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_none() && !fin => {
+                let tail = &data[e.valid_up_to()..];
+                self.bytes[..tail.len()].copy_from_slice(tail);
+                self.len = tail.len() as u8;
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -286,10 +363,10 @@ mod tests {
             vec![
                 Ok(ClientFrame::Ping(Bytes::from_static(b"hi"))),
                 Ok(ClientFrame::Pong),
-                Ok(ClientFrame::Data),
-                Ok(ClientFrame::Data),
-                Ok(ClientFrame::Data),
-                Ok(ClientFrame::Close(Some(1000))),
+                Ok(ClientFrame::Data { opcode: OP_TEXT, fin: false, payload: Bytes::from_static(b"ab") }),
+                Ok(ClientFrame::Data { opcode: OP_CONTINUATION, fin: true, payload: Bytes::from_static(b"cd") }),
+                Ok(ClientFrame::Data { opcode: OP_BINARY, fin: true, payload: Bytes::from(vec![0u8; 300]) }),
+                Ok(ClientFrame::Close(CloseCode::from_client(1000).unwrap())),
                 Err(ReadError::Eof),
             ]
         );
@@ -302,7 +379,7 @@ mod tests {
         let mut bytes = client_frame(false, OP_TEXT, &[b'x'; 3000]);
         bytes.extend(client_frame(true, OP_CONTINUATION, &[b'x'; 3000]));
         let got = read_all(bytes, 4096).await;
-        assert_eq!(got, vec![Ok(ClientFrame::Data), Err(ReadError::TooBig)]);
+        assert!(matches!(got[..], [Ok(ClientFrame::Data { .. }), Err(ReadError::TooBig)]), "{got:?}");
         // A 64-bit length must not allocate before it is refused.
         let mut huge = vec![0x81, 0x80 | 127];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
@@ -318,6 +395,35 @@ mod tests {
         assert!(matches!(read_all(stray, 4096).await[0], Err(ReadError::Protocol(_))));
         let long_ping = client_frame(true, OP_PING, &[0; 126]);
         assert!(matches!(read_all(long_ping, 4096).await[0], Err(ReadError::Protocol(_))));
+    }
+
+    #[tokio::test]
+    async fn refuses_invalid_utf8_and_close_codes() {
+        let utf8 = |r: &Result<ClientFrame, ReadError>| matches!(r, Err(ReadError::Utf8(_)));
+        assert!(utf8(&read_all(client_frame(true, OP_TEXT, &[0xCE, 0xBA, 0xFF]), 4096).await[0]));
+        // Binary frames carry anything.
+        assert!(read_all(client_frame(true, OP_BINARY, &[0xFF]), 4096).await[0].is_ok());
+        // "κόσμε" cut inside a character by each fragment boundary: valid.
+        let text = "κόσμε".as_bytes();
+        for cut in 1..text.len() {
+            let mut bytes = client_frame(false, OP_TEXT, &text[..cut]);
+            bytes.extend(client_frame(true, OP_CONTINUATION, &text[cut..]));
+            let got = read_all(bytes, 4096).await;
+            assert!(got[0].is_ok() && got[1].is_ok(), "cut at {cut}: {got:?}");
+        }
+        // One byte per fragment, a message ending inside a character.
+        let mut bytes = client_frame(false, OP_TEXT, &[0xCE]);
+        bytes.extend(client_frame(true, OP_CONTINUATION, b""));
+        assert!(utf8(&read_all(bytes, 4096).await[1]));
+        // A code point above U+10FFFF split across fragments.
+        let mut bytes = client_frame(false, OP_TEXT, &[0xF4]);
+        bytes.extend(client_frame(false, OP_CONTINUATION, &[0x90]));
+        assert!(utf8(&read_all(bytes, 4096).await[1]));
+        // A close code a client may not send, and a reason that is not UTF-8.
+        let got = read_all(client_frame(true, OP_CLOSE, &1005u16.to_be_bytes()), 4096).await;
+        assert!(matches!(got[0], Err(ReadError::Protocol(_))));
+        let got = read_all(client_frame(true, OP_CLOSE, &[0x03, 0xE8, 0xFF]), 4096).await;
+        assert!(utf8(&got[0]));
     }
 
     #[tokio::test]
@@ -339,7 +445,7 @@ mod tests {
         assert_eq!(&text(b"hi")[..], &[0x81, 2, b'h', b'i']);
         assert_eq!(&text(&[0; 200])[..4], &[0x81, 126, 0, 200]);
         assert_eq!(&text(&vec![0; 70_000])[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
-        let c = close(4001, &"é".repeat(100));
+        let c = close(CloseCode::Moved, &"é".repeat(100));
         assert!(c.len() <= 2 + MAX_CONTROL_PAYLOAD);
         assert_eq!(&c[2..4], &4001u16.to_be_bytes());
         assert!(std::str::from_utf8(&c[4..]).is_ok());

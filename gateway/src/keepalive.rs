@@ -22,7 +22,7 @@ const MAX_MISSED_PINGS: u8 = 2;
 const SLICES: u64 = 20;
 
 /// Close code for a device whose token expired while connected.
-pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_POLICY: crate::close::CloseCode = crate::close::CloseCode::Policy;
 
 pub async fn run(gw: Arc<Gateway>) {
     let mut tick = tokio::time::interval(gw.config.ping_interval / SLICES as u32);

@@ -7,6 +7,7 @@
 //! - [`http`]: the HTTP routes, authentication before upgrade.
 //! - [`connection`]: one device: reader in its task, writer in another.
 //! - [`frame`]: lean server-side WebSocket framing.
+//! - [`close`]: the close codes the gateway sends and those a client may.
 //! - [`outbox`]: a device's bounded send queue.
 //! - [`sessions`]: user id to live devices (DashMap), delivery.
 //! - [`broker`]: RabbitMQ consumer, slot bindings, reconcile on ring
@@ -19,6 +20,7 @@
 //! - [`state`]: what the parts share.
 
 pub mod broker;
+pub mod close;
 pub mod config;
 pub mod connection;
 pub mod departed;

@@ -18,6 +18,8 @@ use parking_lot::Mutex;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+use crate::close::CloseCode;
+
 /// An encoded event frame and when it was published (unix microseconds).
 #[derive(Debug, Clone)]
 pub struct Queued {
@@ -29,7 +31,7 @@ pub struct Queued {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Close {
     /// Send a close frame with this code and reason, then end.
-    Frame { code: u16, reason: String },
+    Frame { code: CloseCode, reason: String },
     /// End without a close frame (the peer is gone or stopped answering).
     Abort,
 }
@@ -78,7 +80,7 @@ pub struct Outbox {
 }
 
 /// Close code for a device whose queue overflowed.
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+pub const CLOSE_SLOW_CONSUMER: CloseCode = CloseCode::SlowConsumer;
 
 impl Outbox {
     pub fn new(capacity: usize) -> Outbox {
@@ -243,7 +245,7 @@ mod tests {
         assert_eq!(o.push(&item(4)), Push::Closed);
         let b = o.take().await;
         assert!(b.frames.is_empty());
-        assert_eq!(b.close, Some(Close::Frame { code: 4008, reason: "slow consumer".into() }));
+        assert_eq!(b.close, Some(Close::Frame { code: CloseCode::SlowConsumer, reason: "slow consumer".into() }));
         assert_eq!(o.push(&item(5)), Push::Closed);
     }
 
@@ -251,11 +253,11 @@ mod tests {
     async fn close_keeps_queued_frames_and_first_reason_wins() {
         let o = Outbox::new(8);
         o.push(&item(1));
-        o.close(Close::Frame { code: 1001, reason: "bye".into() });
+        o.close(Close::Frame { code: CloseCode::GoingAway, reason: "bye".into() });
         o.close(Close::Abort);
         let b = o.take().await;
         assert_eq!(b.frames.len(), 1);
-        assert_eq!(b.close, Some(Close::Frame { code: 1001, reason: "bye".into() }));
+        assert_eq!(b.close, Some(Close::Frame { code: CloseCode::GoingAway, reason: "bye".into() }));
     }
 
     #[tokio::test]

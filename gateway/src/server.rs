@@ -17,7 +17,7 @@ use crate::state::{Gateway, SocketGuard};
 use crate::{broker, http, keepalive, membership};
 
 /// Close code sent to every device when the node shuts down.
-pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_GOING_AWAY: crate::close::CloseCode = crate::close::CloseCode::GoingAway;
 /// A client must finish its HTTP request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (EMFILE and friends) before trying again.

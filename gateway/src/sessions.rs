@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Close, Outbox, Push, Queued};
 
 /// Close code when a user already holds the maximum number of devices.
-pub const CLOSE_TOO_MANY_DEVICES: u16 = 4029;
+pub const CLOSE_TOO_MANY_DEVICES: crate::close::CloseCode = crate::close::CloseCode::TooManyDevices;
 
 /// One connection of a user.
 #[derive(Debug)]
