@@ -81,6 +81,8 @@ pub struct RunArgs {
     /// past the ~64k ports of one address; split among the workers.
     #[arg(long, default_value = "127.0.0.1", value_parser = parse_ip_range)]
     pub source_ips: (Ipv4Addr, Ipv4Addr),
+    /// RabbitMQ; several comma-separated URLs (nodes of one cluster) are
+    /// tried in turn when the connection is lost.
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
     /// HS256 secret shared with the gateways (and the backend): tokens are
@@ -96,6 +98,10 @@ pub struct RunArgs {
     /// registered users (e2e mode), so runs do not collide.
     #[arg(long, default_value = "lt")]
     pub user_prefix: String,
+    /// A file written (unix microseconds) the moment publishing starts, so
+    /// that a fault script can time its fault into the run.
+    #[arg(long)]
+    pub started_file: Option<PathBuf>,
     /// Where to write the JSON report.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -12,6 +12,7 @@
 //! - [`client`]: one device: connect from a chosen source address, read events.
 //! - [`audience`]: who receives event `seq` (publisher and workers agree).
 //! - [`publisher`]: events at a target rate, one message per owner node.
+//! - [`amqp`]: the publisher's broker connection, which survives broker faults.
 //! - [`pace`]: which event numbers are due, at a rate.
 //! - [`accounting`]: latency histograms, loss and duplicate counting.
 //! - [`series`]: per-second connections, deliveries and latency.
@@ -21,6 +22,7 @@
 //! - [`report`]: the JSON report, the summary table, gateway RSS.
 
 pub mod accounting;
+pub mod amqp;
 pub mod audience;
 pub mod charts;
 pub mod cli;

@@ -29,12 +29,18 @@ pub struct Report {
     /// Frames that were not events of this run (another load generator on
     /// the same broker, same user ids); ignored by the accounting.
     pub foreign_frames: u64,
-    /// Broker messages refused, or Nchan publish requests that failed.
+    /// Broker messages that could not be published at all (given up after
+    /// retries), or Nchan publish requests that failed.
     pub publish_errors: u64,
+    /// How publishing went through broker and Redis faults.
+    pub publisher: crate::publisher::PublishFaults,
     /// Devices that reconnected (`--recover`, `--churn`).
     pub reconnects: ReconnectReport,
     /// Per second since the run started.
     pub series: Vec<Point>,
+    /// Unix second of the series' `t_s = 0`, to line the series up with
+    /// events outside the run (a fault script's timestamps).
+    pub series_start_unix_s: u64,
     /// e2e mode: posts over HTTP and the backend's fan-out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub e2e: Option<E2eReport>,
@@ -183,6 +189,19 @@ impl Report {
             println!(
                 "reconnects    {} closed ({} by churn, {:.0}/s over {:.1}s of publishing), {} reconnected ({:.0}/s), {} failed attempts",
                 r.disconnects, r.churned, r.churned_per_s, r.window_s, r.connects, r.connects_per_s, r.failures
+            );
+        }
+        let p = &self.publisher;
+        if p.broker.reconnects + p.broker.connect_failures + p.broker.republished + p.feed_retries > 0 {
+            println!(
+                "publisher     {} reconnects ({} failed attempts), {} messages published again, {} feed writes retried; given up: {} messages, {} events, {} deliveries",
+                p.broker.reconnects,
+                p.broker.connect_failures,
+                p.broker.republished,
+                p.feed_retries,
+                p.broker.given_up,
+                p.events_given_up,
+                p.deliveries_given_up
             );
         }
         if self.publish_errors > 0 {

@@ -172,12 +172,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     };
     let sink = match nchan {
         true => Sink::Nchan { url: args.nchan_url.clone(), connections: args.nchan_connections },
-        false => Sink::Amqp { url: args.amqp_url.clone() },
+        false => Sink::Amqp { urls: crate::amqp::split_urls(&args.amqp_url) },
     };
     if args.churn > 0.0 {
         pool.broadcast(&Command::Churn { per_s: args.churn / f64::from(workers) }).await?;
     }
     let mut publish_errors = 0;
+    if let Some(path) = &args.started_file {
+        std::fs::write(path, contract::event::now_micros().to_string())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let bar = bars.run(args.duration, live.clone());
     let published = if args.rate > 0.0 {
         match e2e.as_mut() {
@@ -271,9 +275,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         close_codes,
         foreign_frames: foreign,
         publish_errors,
+        publisher: published.as_ref().map(|p| p.faults).unwrap_or_default(),
         // After the stop: the workers' last ticks are in.
         reconnects: ReconnectReport::new(&live.reconnects(), churn_window, args.churn),
         series,
+        series_start_unix_s: start_unix_s,
         e2e,
         params: serde_json::json!({
             "users": args.users, "devices": args.devices, "rate": args.rate, "fanout": args.fanout,

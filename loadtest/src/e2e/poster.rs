@@ -127,5 +127,5 @@ pub async fn run(
     };
     // The backend, not this process, publishes the broker messages; its
     // count comes from its /metrics ([`super::Session::finish`]).
-    Ok((Published { expected, messages: 0, started_us, elapsed }, posts))
+    Ok((Published { expected, messages: 0, started_us, elapsed, faults: Default::default() }, posts))
 }
