@@ -280,7 +280,6 @@ impl Broker {
     pub fn take_given_up(&mut self) -> Vec<Msg> {
         std::mem::take(&mut self.given_up)
     }
-
 }
 
 /// Awaits confirms in publish order; sends back what was nacked, failed
