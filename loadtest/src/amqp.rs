@@ -183,7 +183,7 @@ impl Broker {
             }
             // A cluster: the next node is tried at once, the same one
             // again only after a wait.
-            if self.next_url % self.urls.len() == 0 {
+            if self.next_url.is_multiple_of(self.urls.len()) {
                 tokio::time::sleep(backoff.min(self.deadline.saturating_duration_since(Instant::now()))).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
