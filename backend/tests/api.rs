@@ -233,7 +233,8 @@ async fn operational_routes_answer() {
 async fn broker_down_means_503_with_retry_after_and_no_post() {
     // A backend whose broker URL points at a closed port.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let backend = TestBackend::start_unready(move |c| c.amqp_url = format!("amqp://guest:guest@{closed}/%2f")).await;
+    let backend =
+        TestBackend::start_unready(move |c| c.amqp_url = format!("amqp://guest:guest@{closed}/{}", vhost())).await;
     let api = backend.client();
     let (me, token) = api.user("Lonely").await;
     let r = api.call("POST", "/post/create", Some(&token), Some(r#"{"text":"into the void"}"#)).await;

@@ -26,9 +26,44 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Where the shared RabbitMQ listens; tests use [`amqp_url`] (their own vhost).
+pub const AMQP_ADDR: &str = "127.0.0.1:5672";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/feed";
+/// This test process's own RabbitMQ virtual host, created on first use.
+/// Gateways started by these tests bind slots of `feed.events`, and the taps
+/// of `tests/fanout.rs` bind every slot: on the shared `/` they would see
+/// (and gateways re-publish) the events of any other test process or dev
+/// stack. Vhosts of test processes that have exited are deleted here too.
+pub fn vhost() -> &'static str {
+    static VHOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VHOST.get_or_init(|| {
+        let name = format!("{VHOST_PREFIX}{}", std::process::id());
+        for old in rabbitmqctl(&["list_vhosts", "-q", "--no-table-headers", "name"]).lines() {
+            let pid = old.strip_prefix(VHOST_PREFIX).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                rabbitmqctl(&["delete_vhost", old]);
+            }
+        }
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        name
+    })
+}
+
+const VHOST_PREFIX: &str = "backend-test-";
+
+/// The broker URL of this process's vhost.
+pub fn amqp_url() -> String {
+    format!("amqp://guest:guest@{AMQP_ADDR}/{}", vhost())
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Generous: CI machines are noisy; waits end as soon as the thing happens.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -62,7 +97,7 @@ impl TestBackend {
         let addr = listener.local_addr().unwrap();
         let mut config = Config::for_tests(SECRET);
         config.listen = addr;
-        config.amqp_url = AMQP_URL.into();
+        config.amqp_url = amqp_url();
         config.redis_url = REDIS_URL.into();
         config.database_url = DATABASE_URL.into();
         config.membership_key = unique("test:members");
@@ -95,7 +130,7 @@ impl TestBackend {
         if let Some(j) = self.join.take() {
             tokio::time::timeout(Duration::from_secs(30), j).await.expect("backend stops").unwrap().unwrap();
         }
-        let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
+        let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         // Absent if this backend never reached the broker: deleting is a no-op then.
         ch.queue_delete(self.backend.config.fanout_queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
@@ -248,7 +283,7 @@ impl TestGateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = gateway::Config::for_tests(SECRET);
-        config.amqp_url = AMQP_URL.into();
+        config.amqp_url = amqp_url();
         config.redis_url = REDIS_URL.into();
         config.listen = addr;
         config.node_id = Some(unique("bt"));
@@ -349,40 +384,156 @@ pub async fn drop_feeds(users: &[String]) {
 }
 
 /// A TCP forwarder to RabbitMQ whose connections a test can kill, like a
-/// broker crash or a network blip.
+/// broker crash or a network blip. It reads the AMQP frames the clients
+/// send, so a test can cut every connection at an exact point of a fan-out
+/// (before a client's `n`th `basic.publish` reaches the broker), and it can
+/// refuse new connections (the broker is down) until told otherwise.
 pub struct AmqpProxy {
     pub addr: SocketAddr,
-    conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    inner: Arc<ProxyInner>,
 }
+
+#[derive(Default)]
+struct ProxyInner {
+    conns: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Cut everything when one connection is about to forward its
+    /// `cut_at`th publish (0: never). One-shot: reset to 0 by the cut.
+    cut_at: std::sync::atomic::AtomicU64,
+    refuse: std::sync::atomic::AtomicBool,
+    accepted: std::sync::atomic::AtomicUsize,
+    cuts: std::sync::atomic::AtomicUsize,
+}
+
+/// AMQP 0-9-1: frame type 1 is a method; class 60 method 40 is basic.publish.
+const FRAME_METHOD: u8 = 1;
+const BASIC_PUBLISH: [u8; 4] = [0, 60, 0, 40];
+/// "AMQP" 0 0 9 1, sent once by the client before any frame.
+const PROTOCOL_HEADER_LEN: usize = 8;
 
 impl AmqpProxy {
     pub async fn start() -> AmqpProxy {
+        use std::sync::atomic::Ordering::SeqCst;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Default::default();
-        let list = conns.clone();
+        let inner: Arc<ProxyInner> = Default::default();
+        let shared = inner.clone();
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
+                if shared.refuse.load(SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                shared.accepted.fetch_add(1, SeqCst);
+                let conn_inner = shared.clone();
                 let handle = tokio::spawn(async move {
-                    if let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    if let Ok(broker) = TcpStream::connect(AMQP_ADDR).await {
+                        forward(client, broker, &conn_inner).await;
                     }
                 });
-                list.lock().unwrap().push(handle);
+                shared.conns.lock().unwrap().push(handle.abort_handle());
             }
         });
-        AmqpProxy { addr, conns }
+        AmqpProxy { addr, inner }
     }
 
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
+        format!("amqp://guest:guest@{}/{}", self.addr, vhost())
     }
 
     /// Drops every proxied connection at once; returns how many.
     pub fn kill_all(&self) -> usize {
+        self.inner.kill_all()
+    }
+
+    /// Drops every connection when one of them is about to forward its
+    /// `n`th `basic.publish` (that publish never reaches the broker).
+    pub fn cut_before_publish(&self, n: u64) {
+        self.inner.cut_at.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// While true, new connections are closed at once (existing ones are
+    /// left alone: combine with [`AmqpProxy::kill_all`] for an outage).
+    pub fn refuse(&self, refuse: bool) {
+        self.inner.refuse.store(refuse, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far (a reconnect is one more).
+    pub fn accepted(&self) -> usize {
+        self.inner.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Cuts made by [`AmqpProxy::cut_before_publish`].
+    pub fn cuts(&self) -> usize {
+        self.inner.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl ProxyInner {
+    fn kill_all(&self) -> usize {
         let handles: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
         let n = handles.len();
         handles.into_iter().for_each(|h| h.abort());
         n
+    }
+}
+
+/// Copies both ways; the client's side frame by frame, counting publishes.
+async fn forward(client: TcpStream, broker: TcpStream, inner: &ProxyInner) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut broker_rd, mut broker_wr) = broker.into_split();
+    let down = async move {
+        let _ = tokio::io::copy(&mut broker_rd, &mut client_wr).await;
+    };
+    let up = async move {
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut header_sent = false;
+        let mut publishes = 0u64;
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let mut start = 0;
+            if !header_sent {
+                if buf.len() < PROTOCOL_HEADER_LEN {
+                    continue;
+                }
+                start = PROTOCOL_HEADER_LEN;
+                header_sent = true;
+            }
+            // Whole frames: type(1) channel(2) size(4) payload frame-end(1).
+            let mut end = start;
+            while buf.len() >= end + 7 {
+                let size = u32::from_be_bytes(buf[end + 3..end + 7].try_into().unwrap()) as usize;
+                let frame_len = 7 + size + 1;
+                if buf.len() < end + frame_len {
+                    break;
+                }
+                if buf[end] == FRAME_METHOD && size >= 4 && buf[end + 7..end + 11] == BASIC_PUBLISH {
+                    publishes += 1;
+                    let cut_at = inner.cut_at.load(SeqCst);
+                    if cut_at != 0 && publishes >= cut_at && inner.cut_at.swap(0, SeqCst) != 0 {
+                        // Forward what came before this publish, then cut.
+                        let _ = broker_wr.write_all(&buf[..end]).await;
+                        inner.cuts.fetch_add(1, SeqCst);
+                        inner.kill_all();
+                        return;
+                    }
+                }
+                end += frame_len;
+            }
+            if broker_wr.write_all(&buf[..end]).await.is_err() {
+                return;
+            }
+            buf.drain(..end);
+        }
+    };
+    tokio::select! {
+        _ = down => {}
+        _ = up => {}
     }
 }
