@@ -19,8 +19,14 @@ pub struct Config {
     #[arg(long, env = "BACKEND_LISTEN", default_value = "0.0.0.0:8080", global = true)]
     pub listen: SocketAddr,
 
+    /// RabbitMQ, where the workers publish realtime events: one URL, or
+    /// several comma-separated (nodes of one cluster, tried in turn).
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
     pub amqp_url: String,
+
+    /// Where a `backend worker` process serves `/metrics` and `/healthz`.
+    #[arg(long, env = "BACKEND_WORKER_METRICS_LISTEN", default_value = "0.0.0.0:9101", global = true)]
+    pub worker_metrics_listen: SocketAddr,
 
     /// Redis: the feed cache and the gateway membership.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", global = true)]
@@ -43,7 +49,8 @@ pub struct Config {
     #[arg(long, env = "MEMBERSHIP_KEY", default_value = contract::membership::MEMBERS_KEY, global = true)]
     pub membership_key: String,
 
-    /// The durable RabbitMQ queue of fan-out jobs.
+    /// The outbox queue (a column of the outbox table) this process's
+    /// workers take jobs from and its API writes them to.
     #[arg(long, env = "FANOUT_QUEUE", default_value = "backend.fanout", global = true)]
     pub fanout_queue: String,
 
@@ -86,8 +93,14 @@ impl Config {
             Some(s) if s.len() < 16 => return Err("JWT_SECRET (--jwt-secret) must be at least 16 bytes".into()),
             Some(_) => {}
         }
-        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
-            return Err(format!("AMQP_URL (--amqp-url) {:?} must be an amqp:// URL", self.amqp_url));
+        let urls = crate::broker::Nodes::parse(&self.amqp_url);
+        if urls.is_empty() {
+            return Err("AMQP_URL (--amqp-url) must name at least one amqp:// URL".into());
+        }
+        for url in &urls {
+            if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
+                return Err(format!("AMQP_URL (--amqp-url) {url:?} must be an amqp:// URL"));
+            }
         }
         if redis::Client::open(self.redis_url.as_str()).is_err() {
             return Err(format!("REDIS_URL (--redis-url) {:?} is not a Redis URL", self.redis_url));
@@ -147,6 +160,9 @@ mod tests {
             Config::parse_from(args).validate()
         };
         assert!(with("--amqp-url", "http://x").unwrap_err().contains("AMQP_URL"));
+        assert!(with("--amqp-url", "amqp://a/%2f,http://x").unwrap_err().contains("AMQP_URL"));
+        assert!(with("--amqp-url", " , ").unwrap_err().contains("AMQP_URL"));
+        assert!(with("--amqp-url", "amqp://a:5672/%2f, amqp://b:5672/%2f").is_ok());
         assert!(with("--redis-url", "nope://").unwrap_err().contains("REDIS_URL"));
         assert!(with("--database-url", "postgres://host:notaport/db").unwrap_err().contains("DATABASE_URL"));
         assert!(with("--listen", "0.0.0.0:8080").is_ok());

@@ -1,8 +1,10 @@
 //! PostgreSQL, the system of record: the connection pool, creating the
 //! database when it is missing, and the schema migrations applied at start.
 
+use std::time::Duration;
+
 use anyhow::Context;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
@@ -12,9 +14,10 @@ const MIGRATION_LOCK: i64 = 0x6665_6564; // "feed"
 
 /// The schema, in order. A migration is applied once; never edit one that
 /// has shipped, add another.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
     CREATE TABLE users (
         id            text PRIMARY KEY,
         first_name    text NOT NULL,
@@ -59,15 +62,33 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     -- A dialog is listed by its key (the two user ids, sorted) in id order.
     CREATE INDEX messages_dialog ON messages (dialog_id, id);
     "#,
-)];
+    ),
+    (2, crate::outbox::SCHEMA),
+];
+
+/// How long a request waits for a free pooled connection before it gets a
+/// 503: a stuck or saturated database must not hold requests forever.
+pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening a new connection (TCP and start-up) may take.
+pub const POOL_CREATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long checking a returned connection may take.
+pub const POOL_RECYCLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Creates the database if missing, connects a pool and applies the
 /// migrations.
 pub async fn connect(url: &str, pool_size: usize) -> anyhow::Result<Pool> {
-    let config: tokio_postgres::Config = url.parse().context("DATABASE_URL")?;
+    let mut config: tokio_postgres::Config = url.parse().context("DATABASE_URL")?;
+    config.connect_timeout(POOL_CREATE_TIMEOUT);
     create_database_if_missing(&config).await?;
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-    let pool = Pool::builder(manager).max_size(pool_size).build().context("database pool")?;
+    let pool = Pool::builder(manager)
+        .max_size(pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+        .create_timeout(Some(POOL_CREATE_TIMEOUT))
+        .recycle_timeout(Some(POOL_RECYCLE_TIMEOUT))
+        .build()
+        .context("database pool")?;
     migrate(&pool).await?;
     Ok(pool)
 }

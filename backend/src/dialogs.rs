@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{self, ApiError, ApiResult};
 use crate::http::{AppState, Caller, Json, Path, ok};
 use crate::users;
 use crate::validate::{self, MAX_MESSAGE_CHARS};
@@ -50,7 +50,8 @@ pub async fn send(
             "INSERT INTO messages (id, dialog_id, from_id, to_id, text) VALUES ($1, $2, $3, $4, $5)",
             &[&id, &dialog_id(&me, &user_id), &me, &user_id, &req.text],
         )
-        .await?;
+        .await
+        .map_err(error::caller_must_exist)?;
     Ok(ok())
 }
 

@@ -103,8 +103,16 @@ impl From<redis::RedisError> for ApiError {
     }
 }
 
-impl From<lapin::Error> for ApiError {
-    fn from(e: lapin::Error) -> ApiError {
-        ApiError::Unavailable(format!("broker: {e}"))
-    }
+/// A row of the caller (a post, a follow, a message) refused because the
+/// caller's user does not exist: the token was issued for a user that is
+/// gone. That is the token's fault (401), not a server error.
+pub fn caller_must_exist(e: tokio_postgres::Error) -> ApiError {
+    let ghost = e.as_db_error().is_some_and(|d| {
+        *d.code() == tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION
+            && matches!(
+                d.constraint(),
+                Some("posts_author_id_fkey" | "follows_follower_id_fkey" | "messages_from_id_fkey")
+            )
+    });
+    if ghost { ApiError::Unauthorized("the token's user does not exist".into()) } else { e.into() }
 }

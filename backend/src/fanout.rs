@@ -1,17 +1,19 @@
-//! Fan-out workers: take a job off the durable queue, page through the
-//! author's followers, update their feed caches (one Redis pipeline per
-//! page), group them by the gateway node that owns them and publish one
-//! event message per group to `feed.events`, with publisher confirms.
+//! Fan-out workers: claim a job from the outbox (see [`crate::outbox`]),
+//! page through the author's followers, update their feed caches (one
+//! Redis pipeline per page), group them by the gateway node that owns them
+//! and publish one event message per group to `feed.events`, persistent
+//! and with publisher confirms; then delete the job, in the transaction
+//! that claimed it.
 //!
 //! Memory stays bounded whatever the follower count: followers are read
 //! [`FOLLOWER_PAGE`] at a time, a group is flushed once it holds
 //! [`MAX_RECIPIENTS_PER_MESSAGE`], and all groups are flushed once
 //! [`MAX_BUFFERED_RECIPIENTS`] are waiting.
 //!
-//! A job is acknowledged only after every message it published was
-//! confirmed. A job that fails part way is put back and redone from the
-//! start: feed writes are idempotent and devices detect duplicate events
-//! by post id, so a retry may duplicate but never loses a recipient.
+//! A job that fails part way (or whose worker dies) is redone from the
+//! start: feed writes are idempotent (a sorted set) and devices detect
+//! duplicate events by their id (the post id), so a retry may duplicate an
+//! event but never loses a recipient.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,17 +24,12 @@ use contract::event::{self, PostEvent};
 use contract::membership;
 use contract::ring::Ring;
 use contract::slot::{SLOTS, slot_of};
-use contract::topology::{self};
-use futures_util::StreamExt;
-use lapin::Channel;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-};
-use lapin::types::FieldTable;
+use deadpool_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
-use crate::feed::load_posts;
-use crate::jobs::{self, Job, JobKind};
+use crate::broker::{self, Link};
+use crate::feed::Post;
+use crate::outbox::{self, Job, JobKind};
 use crate::state::Backend;
 
 /// Followers read from PostgreSQL, and feeds written to Redis, per round
@@ -47,117 +44,96 @@ pub const MAX_RECIPIENTS_PER_MESSAGE: usize = 5000;
 /// Bounds a worker's memory (about 1 MiB of ids) without a membership
 /// view, when there is one group per slot.
 pub const MAX_BUFFERED_RECIPIENTS: usize = 20_000;
-/// Pause before a failed job goes back on the queue, so a dead dependency
-/// does not turn into a hot retry loop.
-const RETRY_PAUSE: Duration = Duration::from_millis(500);
-/// First wait before reconnecting to the broker; doubles up to the max.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A job that runs longer than this fails (and is retried): a stuck
+/// dependency must not hold a job, its row lock and a connection forever.
+/// A 10,000-follower fan-out takes about a second.
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+/// An idle worker looks for due jobs this often even without a
+/// notification: notifications are lost while the listener reconnects,
+/// and a failed job's retry time passes without one.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Pause after the outbox itself could not be read (PostgreSQL down).
+const DB_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
-/// Runs one worker until `shutdown`, reconnecting to the broker as needed.
+/// Runs one worker until `shutdown`. A job in progress at shutdown is
+/// rolled back: its row stays for the next worker.
 pub async fn run_worker(backend: Arc<Backend>, index: usize, shutdown: CancellationToken) {
-    let mut backoff = MIN_BACKOFF;
+    let mut link = Link::new(format!("backend worker {index} ({})", std::process::id()));
+    tracing::info!(worker = index, queue = backend.config.fanout_queue, "fan-out worker running");
     loop {
-        match consume(&backend, index, &shutdown, &mut backoff).await {
-            Ok(()) => return,
-            Err(e) => tracing::warn!(worker = index, "fan-out worker lost the broker: {e:#}; retrying in {backoff:?}"),
-        }
+        let round = tokio::select! {
+            r = work_one(&backend, &mut link) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        let pause = match round {
+            Ok(true) => continue, // there may be more: look again at once
+            Ok(false) => POLL_INTERVAL,
+            Err(e) => {
+                tracing::warn!(worker = index, "cannot read the outbox: {e:#}");
+                DB_ERROR_PAUSE
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.cancelled() => return,
+            _ = backend.outbox_wake.notified() => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => break,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+    link.close().await;
 }
 
-/// One broker connection's life; `Ok` only on shutdown.
-async fn consume(
-    backend: &Arc<Backend>,
-    index: usize,
-    shutdown: &CancellationToken,
-    backoff: &mut Duration,
-) -> anyhow::Result<()> {
-    let name = format!("backend worker {index}");
-    let conn = tokio::select! {
-        c = jobs::connect(&backend.config.amqp_url, &name) => c?,
-        _ = shutdown.cancelled() => return Ok(()),
+/// Claims and runs one due job. `Ok(false)`: there was none.
+async fn work_one(backend: &Backend, link: &mut Link) -> anyhow::Result<bool> {
+    let queue = backend.config.fanout_queue.as_str();
+    let mut client = backend.db.get().await.context("database pool")?;
+    let mut tx = client.transaction().await.context("beginning the claim")?;
+    let Some(job) = outbox::claim(&tx, queue).await.context("claiming a job")? else {
+        tx.commit().await?;
+        return Ok(false);
     };
-    let jobs_ch = conn.create_channel().await?;
-    jobs::declare_queue(&jobs_ch, &backend.config.fanout_queue).await?;
-    // One job at a time per worker: a job is already thousands of writes.
-    jobs_ch.basic_qos(1, BasicQosOptions::default()).await?;
-    let events_ch = conn.create_channel().await?;
-    events_ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    topology::declare_exchanges(&events_ch).await?;
-    let mut consumer = jobs_ch
-        .basic_consume(
-            backend.config.fanout_queue.as_str().into(),
-            format!("backend-worker-{index}-{}", std::process::id()).into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    *backoff = MIN_BACKOFF;
-    tracing::info!(worker = index, queue = backend.config.fanout_queue, "fan-out worker consuming");
-    loop {
-        let delivery = tokio::select! {
-            d = consumer.next() => match d {
-                Some(d) => d?,
-                None => anyhow::bail!("job consumer ended"),
-            },
-            _ = shutdown.cancelled() => {
-                let _ = conn.close(200, "backend shutting down".into()).await;
-                return Ok(());
-            }
-        };
-        let job: Job = match serde_json::from_slice(&delivery.data) {
-            Ok(j) => j,
-            Err(e) => {
-                // Requeueing an unreadable job would loop forever.
-                tracing::error!("dropping unreadable fan-out job: {e}");
-                delivery.reject(BasicRejectOptions { requeue: false }).await?;
-                continue;
-            }
-        };
-        let result = tokio::select! {
-            r = run_job(backend, &events_ch, &job) => r,
-            // Unacknowledged: the broker hands the job to another worker.
-            _ = shutdown.cancelled() => {
-                let _ = conn.close(200, "backend shutting down".into()).await;
-                return Ok(());
-            }
-        };
-        match result {
-            Ok(()) => {
-                backend.metrics.fanout_jobs.increment(1);
-                delivery.ack(BasicAckOptions::default()).await?;
-            }
-            Err(e) => {
-                backend.metrics.fanout_retries.increment(1);
-                tracing::warn!(post = job.post_id, "fan-out failed, will retry: {e:#}");
-                tokio::time::sleep(RETRY_PAUSE).await;
-                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-                if !events_ch.status().connected() {
-                    anyhow::bail!("event channel closed");
-                }
-            }
+    // A savepoint, so that a failed statement of the job leaves the claim
+    // usable for recording the failure.
+    let sp = tx.savepoint("job").await?;
+    let result = match tokio::time::timeout(JOB_TIMEOUT, run_job(backend, &sp, link, &job)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("timed out after {JOB_TIMEOUT:?}")),
+    };
+    match result {
+        Ok(()) => {
+            sp.commit().await?;
+            outbox::done(&tx, &job).await?;
+            tx.commit().await.context("committing a finished job")?;
+            backend.metrics.fanout_jobs.increment(1);
+        }
+        Err(e) => {
+            sp.rollback().await?;
+            let why = format!("{e:#}");
+            let delay = outbox::failed(&tx, &job, &why).await?;
+            tx.commit().await.context("recording a failed job")?;
+            backend.metrics.fanout_retries.increment(1);
+            tracing::warn!(
+                job = job.id,
+                post = job.post_id,
+                attempts = job.attempts + 1,
+                "fan-out failed, retrying in {delay:?}: {why}"
+            );
+            // Whatever broke, the next job starts on a fresh broker link.
+            link.reset(&backend.brokers);
         }
     }
+    Ok(true)
 }
 
 /// Runs one job to the end: every page of followers, every message
-/// confirmed.
-pub async fn run_job(backend: &Backend, events: &Channel, job: &Job) -> anyhow::Result<()> {
+/// confirmed. `db` is the claiming transaction's connection.
+pub async fn run_job(backend: &Backend, db: &impl GenericClient, link: &mut Link, job: &Job) -> anyhow::Result<()> {
     match job.kind {
         JobKind::Create => {
-            let Some(post) = load_posts(&backend.db, std::slice::from_ref(&job.post_id))
-                .await
-                .map_err(|e| anyhow::anyhow!("loading post: {e}"))?
-                .pop()
-            else {
-                // Deleted before its fan-out ran: nothing to deliver.
+            let Some(post) = load_post(db, &job.post_id).await? else {
+                // Deleted before its fan-out ran: its delete job follows.
                 return Ok(());
             };
+            backend.feed.put_post(&post).await.context("caching the post")?;
             let mut redis = backend.feed.redis.clone();
             let members = membership::fetch(&mut redis, &backend.config.membership_key)
                 .await
@@ -168,29 +144,36 @@ pub async fn run_job(backend: &Backend, events: &Channel, job: &Job) -> anyhow::
             let mut groups = Groups::new(&ring);
             let mut after = String::new();
             loop {
-                let page = followers_page(backend, &job.author_id, &after).await?;
+                let page = followers_page(db, &job.author_id, &after).await?;
                 let Some(last) = page.last() else { break };
                 after = last.clone();
                 backend.feed.add(&post.id, &page).await.context("writing feeds")?;
                 for f in &page {
                     if let Some(full) = groups.push(f) {
-                        publish(backend, events, &ev, vec![full]).await?;
+                        publish(backend, link, &ev, vec![full]).await?;
                     }
                 }
                 if groups.buffered >= MAX_BUFFERED_RECIPIENTS {
-                    publish(backend, events, &ev, groups.take_all()).await?;
+                    publish(backend, link, &ev, groups.take_all()).await?;
                 }
                 backend.metrics.fanout_recipients.increment(page.len() as u64);
                 if page.len() < FOLLOWER_PAGE {
                     break;
                 }
             }
-            publish(backend, events, &ev, groups.take_all()).await?;
+            publish(backend, link, &ev, groups.take_all()).await?;
+        }
+        JobKind::Update => {
+            // The body as it is now: a later update has its own job.
+            if let Some(post) = load_post(db, &job.post_id).await? {
+                backend.feed.put_post(&post).await.context("caching the post")?;
+            }
         }
         JobKind::Delete => {
+            backend.feed.forget_post(&job.post_id).await.context("forgetting the post")?;
             let mut after = String::new();
             loop {
-                let page = followers_page(backend, &job.author_id, &after).await?;
+                let page = followers_page(db, &job.author_id, &after).await?;
                 let Some(last) = page.last() else { break };
                 after = last.clone();
                 backend.feed.remove(&job.post_id, &page).await.context("writing feeds")?;
@@ -203,12 +186,17 @@ pub async fn run_job(backend: &Backend, events: &Channel, job: &Job) -> anyhow::
     Ok(())
 }
 
+async fn load_post(db: &impl GenericClient, id: &str) -> anyhow::Result<Option<Post>> {
+    let row = db
+        .query_opt("SELECT id, text, author_id FROM posts WHERE id = $1", &[&id])
+        .await
+        .context("loading the post")?;
+    Ok(row.map(|r| Post { id: r.get(0), text: r.get(1), author_user_id: r.get(2) }))
+}
+
 /// The next page of an author's followers after `after`, in id order.
-async fn followers_page(backend: &Backend, author: &str, after: &str) -> anyhow::Result<Vec<String>> {
-    let rows = backend
-        .db
-        .get()
-        .await?
+async fn followers_page(db: &impl GenericClient, author: &str, after: &str) -> anyhow::Result<Vec<String>> {
+    let rows = db
         .query(
             "SELECT follower_id FROM follows WHERE followee_id = $1 AND follower_id > $2 \
              ORDER BY follower_id LIMIT $3",
@@ -219,19 +207,31 @@ async fn followers_page(backend: &Backend, author: &str, after: &str) -> anyhow:
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Publishes one message per group, then waits for every confirm.
-async fn publish(backend: &Backend, ch: &Channel, ev: &PostEvent, groups: Vec<Vec<String>>) -> anyhow::Result<()> {
-    let mut confirms = Vec::with_capacity(groups.len());
-    for group in groups.iter().filter(|g| !g.is_empty()) {
-        let recipients: Vec<&str> = group.iter().map(String::as_str).collect();
-        let body = event::encode(&recipients, ev);
-        let confirm = topology::publish_group(ch, &recipients, &body, FieldTable::default()).await?;
-        confirms.push(confirm);
+/// Publishes one message per group, then waits for every confirm, all
+/// within [`broker::PUBLISH_TIMEOUT`].
+async fn publish(backend: &Backend, link: &mut Link, ev: &PostEvent, groups: Vec<Vec<String>>) -> anyhow::Result<()> {
+    let groups: Vec<Vec<String>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
+    if groups.is_empty() {
+        return Ok(());
     }
-    let n = confirms.len();
-    for c in futures_util::future::try_join_all(confirms).await? {
-        anyhow::ensure!(c.is_ack(), "broker refused an event message");
-    }
+    let ch = link.channel(&backend.brokers).await?;
+    let send = async {
+        let mut confirms = Vec::with_capacity(groups.len());
+        for group in &groups {
+            let recipients: Vec<&str> = group.iter().map(String::as_str).collect();
+            let body = event::encode(&recipients, ev);
+            confirms.push(broker::publish(ch, &recipients, &body).await?);
+        }
+        let n = confirms.len();
+        for c in futures_util::future::try_join_all(confirms).await? {
+            anyhow::ensure!(c.is_ack(), "broker refused an event message");
+        }
+        anyhow::Ok(n)
+    };
+    let n = match tokio::time::timeout(broker::PUBLISH_TIMEOUT, send).await {
+        Ok(r) => r.context("publishing events")?,
+        Err(_) => anyhow::bail!("publishing events: no confirm within {:?}", broker::PUBLISH_TIMEOUT),
+    };
     backend.metrics.events_published.increment(n as u64);
     Ok(())
 }

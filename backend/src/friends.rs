@@ -6,7 +6,7 @@
 use axum::extract::State;
 use axum::response::Response;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{self, ApiError, ApiResult};
 use crate::http::{AppState, Caller, Path, ok};
 use crate::{users, validate};
 
@@ -30,7 +30,8 @@ pub async fn set(
             "INSERT INTO follows (follower_id, followee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&me, &user_id],
         )
-        .await?;
+        .await
+        .map_err(error::caller_must_exist)?;
     backend.feed.invalidate(&me).await?;
     Ok(ok())
 }

@@ -87,15 +87,33 @@ async fn metrics(State(backend): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], backend.metrics.render())
 }
 
-/// Ready when PostgreSQL, Redis and the broker all answer.
+/// Ready when PostgreSQL and Redis answer. The broker is not asked: the
+/// API accepts posts without it (their fan-out waits in the outbox).
 async fn readyz(State(backend): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     backend.db.get().await?.query_one("SELECT 1", &[]).await?;
     let mut redis = backend.feed.redis.clone();
     redis::cmd("PING").query_async::<()>(&mut redis).await?;
-    if !backend.jobs.is_up().await {
-        return Err(ApiError::Unavailable("broker unreachable".into()));
-    }
     Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+/// What a `backend worker` process serves: its metrics and liveness.
+pub fn metrics_router(backend: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(backend)
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets requests in
+/// flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    _backend: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 /// The authenticated caller's user id.

@@ -7,8 +7,9 @@
 //! - [`http`]: router, request ids, error bodies, metrics, extractors.
 //! - [`users`], [`friends`], [`posts`], [`dialogs`]: the API handlers.
 //! - [`feed`]: the Redis feed cache (ids per user, bodies per post).
-//! - [`jobs`]: the durable queue of fan-out jobs.
+//! - [`outbox`]: fan-out jobs in PostgreSQL, written with the post change.
 //! - [`fanout`]: workers: followers in pages, feeds, ring-grouped events.
+//! - [`broker`]: the workers' RabbitMQ link (cluster nodes, publish).
 //! - [`db`]: PostgreSQL pool, database creation, migrations.
 //! - [`password`]: argon2id hashes.
 //! - [`validate`]: input checks and their limits.
@@ -16,6 +17,7 @@
 //! - [`metrics`]: Prometheus names and handles.
 //! - [`state`]: what the parts share.
 
+pub mod broker;
 pub mod config;
 pub mod db;
 pub mod dialogs;
@@ -24,8 +26,8 @@ pub mod fanout;
 pub mod feed;
 pub mod friends;
 pub mod http;
-pub mod jobs;
 pub mod metrics;
+pub mod outbox;
 pub mod password;
 pub mod posts;
 pub mod server;

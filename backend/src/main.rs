@@ -18,7 +18,19 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
         let result = match config.mode.unwrap_or(Mode::Serve) {
-            Mode::Worker => backend::run_workers(config, shutdown_signal()).await,
+            Mode::Worker => {
+                let listener = match tokio::net::TcpListener::bind(config.worker_metrics_listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!(
+                            "backend: cannot listen on {} (BACKEND_WORKER_METRICS_LISTEN): {e}",
+                            config.worker_metrics_listen
+                        );
+                        return ExitCode::from(2);
+                    }
+                };
+                backend::run_workers(listener, config, shutdown_signal()).await
+            }
             Mode::Serve => {
                 let listener = match tokio::net::TcpListener::bind(config.listen).await {
                     Ok(l) => l,

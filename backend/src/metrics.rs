@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
 /// Request duration buckets (seconds): most requests are a few ms; argon2
@@ -24,10 +24,16 @@ pub struct Metrics {
     pub events_published: Counter,
     /// Recipients the fan-out delivered a post to (feed cache and event).
     pub fanout_recipients: Counter,
-    /// Fan-out jobs that failed and were put back for a retry.
+    /// Fan-out attempts that failed (the job stays in the outbox, retried
+    /// with backoff).
     pub fanout_retries: Counter,
     /// Fan-out jobs finished.
     pub fanout_jobs: Counter,
+    /// Jobs in this process's outbox queue, those that failed at least
+    /// once, and the age of the oldest (read by upkeep).
+    outbox_jobs: Gauge,
+    outbox_failing: Gauge,
+    outbox_oldest: Gauge,
 }
 
 impl Metrics {
@@ -36,11 +42,15 @@ impl Metrics {
             PrometheusBuilder::new().set_buckets(DURATION_BUCKETS).expect("buckets are not empty").build_recorder(),
         );
         let counter = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
+        let gauge = |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &METADATA);
         Metrics {
             events_published: counter("backend_events_published_total"),
             fanout_recipients: counter("backend_fanout_recipients_total"),
             fanout_retries: counter("backend_fanout_retries_total"),
             fanout_jobs: counter("backend_fanout_jobs_total"),
+            outbox_jobs: gauge("backend_outbox_jobs"),
+            outbox_failing: gauge("backend_outbox_failing_jobs"),
+            outbox_oldest: gauge("backend_outbox_oldest_job_age_seconds"),
             recorder,
         }
     }
@@ -59,6 +69,19 @@ impl Metrics {
             .recorder
             .register_histogram(&Key::from_parts("backend_http_request_duration_seconds", labels), &METADATA);
         histogram.record(elapsed.as_secs_f64());
+    }
+
+    /// The outbox gauges.
+    pub fn outbox(&self, jobs: i64, failing: i64, oldest_secs: f64) {
+        self.outbox_jobs.set(jobs as f64);
+        self.outbox_failing.set(failing as f64);
+        self.outbox_oldest.set(oldest_secs);
+    }
+
+    /// Drains histogram samples into their buckets. Run on a timer (see
+    /// `server::UPKEEP_INTERVAL`), not only when scraped.
+    pub fn upkeep(&self) {
+        self.recorder.handle().run_upkeep();
     }
 
     /// The Prometheus text exposition.

@@ -1,15 +1,16 @@
-//! Posts and the feed. Writes go to PostgreSQL first; the post's body is
-//! cached in Redis, and creation and deletion enqueue a fan-out job (see
-//! [`crate::fanout`]) instead of touching followers on the request path.
+//! Posts and the feed. A post's creation, update or deletion and its
+//! fan-out job (see [`crate::outbox`]) are one PostgreSQL transaction; the
+//! workers ([`crate::fanout`]) touch followers, never the request path. The
+//! post's body is cached in Redis right away for read-your-writes.
 
 use axum::extract::State;
 use axum::response::Response;
 use serde::Deserialize;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{self, ApiError, ApiResult};
 use crate::feed::{self, Post};
 use crate::http::{AppState, Caller, Json, Path, Query, ok};
-use crate::jobs::{Job, JobKind};
+use crate::outbox::{self, JobKind};
 use crate::validate::{self, MAX_POST_CHARS};
 
 /// Default feed page size (OTUS: 10).
@@ -40,9 +41,9 @@ fn default_limit() -> usize {
     DEFAULT_FEED_LIMIT
 }
 
-/// `POST /post/create`: stores the post, then enqueues its fan-out. If the
-/// job cannot be enqueued the post is removed again and the client gets a
-/// 503 to retry: a stored post nobody would ever see is worse.
+/// `POST /post/create`: stores the post and its fan-out job in one
+/// transaction, so a stored post is always fanned out, whatever dies
+/// after the commit (the answer is 200 only after it).
 pub async fn create(
     State(backend): State<AppState>,
     Caller(me): Caller,
@@ -50,35 +51,25 @@ pub async fn create(
 ) -> ApiResult<Json<String>> {
     validate::text("text", &req.text, MAX_POST_CHARS)?;
     let post = Post { id: uuid::Uuid::now_v7().to_string(), text: req.text, author_user_id: me };
-    backend
-        .db
-        .get()
-        .await?
-        .execute(
-            "INSERT INTO posts (id, author_id, text) VALUES ($1, $2, $3)",
-            &[&post.id, &post.author_user_id, &post.text],
-        )
-        .await?;
+    let mut client = backend.db.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO posts (id, author_id, text) VALUES ($1, $2, $3)",
+        &[&post.id, &post.author_user_id, &post.text],
+    )
+    .await
+    .map_err(error::caller_must_exist)?;
+    outbox::enqueue(&tx, &backend.config.fanout_queue, JobKind::Create, &post.id, &post.author_user_id).await?;
+    tx.commit().await?;
     if let Err(e) = backend.feed.put_post(&post).await {
-        // Only a cache: readers fall back to PostgreSQL.
+        // Only a cache: readers fall back to PostgreSQL, and the job caches it.
         tracing::warn!(post = post.id, "could not cache post body: {e}");
-    }
-    let job = Job { kind: JobKind::Create, post_id: post.id.clone(), author_id: post.author_user_id.clone() };
-    if let Err(e) = backend.jobs.enqueue(&job).await {
-        let undo = async {
-            backend.db.get().await?.execute("DELETE FROM posts WHERE id = $1", &[&post.id]).await?;
-            backend.feed.forget_post(&post.id).await?;
-            ApiResult::Ok(())
-        };
-        if let Err(undo_err) = undo.await {
-            tracing::error!(post = post.id, "post stored but not enqueued, and not removed: {undo_err}");
-        }
-        return Err(e.into());
     }
     Ok(Json(post.id))
 }
 
-/// `PUT /post/update`: only the author may; others get 404.
+/// `PUT /post/update`: only the author may; others get 404. The update
+/// job rewrites the cached body if this request cannot.
 pub async fn update(
     State(backend): State<AppState>,
     Caller(me): Caller,
@@ -86,10 +77,9 @@ pub async fn update(
 ) -> ApiResult<Response> {
     validate::id("id", &req.id)?;
     validate::text("text", &req.text, MAX_POST_CHARS)?;
-    let n = backend
-        .db
-        .get()
-        .await?
+    let mut client = backend.db.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx
         .execute(
             "UPDATE posts SET text = $1, updated_at = now() WHERE id = $2 AND author_id = $3",
             &[&req.text, &req.id, &me],
@@ -98,28 +88,35 @@ pub async fn update(
     if n == 0 {
         return Err(ApiError::not_found("post"));
     }
+    outbox::enqueue(&tx, &backend.config.fanout_queue, JobKind::Update, &req.id, &me).await?;
+    tx.commit().await?;
     // Feeds hold ids; the one cached body is all there is to update.
-    backend.feed.put_post(&Post { id: req.id, text: req.text, author_user_id: me }).await?;
+    let post = Post { id: req.id, text: req.text, author_user_id: me };
+    if let Err(e) = backend.feed.put_post(&post).await {
+        tracing::warn!(post = post.id, "could not cache the new body (its job will): {e}");
+    }
     Ok(ok())
 }
 
-/// `PUT /post/delete/{id}`: only the author may; others get 404.
+/// `PUT /post/delete/{id}`: only the author may; others get 404. The
+/// delete job takes the id out of followers' feeds.
 pub async fn delete(
     State(backend): State<AppState>,
     Caller(me): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     validate::id("id", &id)?;
-    let n = backend.db.get().await?.execute("DELETE FROM posts WHERE id = $1 AND author_id = $2", &[&id, &me]).await?;
+    let mut client = backend.db.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx.execute("DELETE FROM posts WHERE id = $1 AND author_id = $2", &[&id, &me]).await?;
     if n == 0 {
         return Err(ApiError::not_found("post"));
     }
+    outbox::enqueue(&tx, &backend.config.fanout_queue, JobKind::Delete, &id, &me).await?;
+    tx.commit().await?;
     // Without its body the post drops out of every feed read at once.
-    backend.feed.forget_post(&id).await?;
-    let job = Job { kind: JobKind::Delete, post_id: id, author_id: me };
-    if let Err(e) = backend.jobs.enqueue(&job).await {
-        // Feeds keep a dangling id until read or trimmed; reads skip it.
-        tracing::warn!(post = job.post_id, "could not enqueue the delete fan-out: {e}");
+    if let Err(e) = backend.feed.forget_post(&id).await {
+        tracing::warn!(post = id, "could not drop the cached body (its job will): {e}");
     }
     Ok(ok())
 }

@@ -5,31 +5,36 @@ use std::sync::Arc;
 use anyhow::Context;
 use contract::token::Tokens;
 use deadpool_postgres::Pool;
+use tokio::sync::Notify;
 
+use crate::broker::Nodes;
 use crate::config::Config;
 use crate::db;
 use crate::feed::FeedCache;
-use crate::jobs::JobQueue;
 use crate::metrics::Metrics;
 use crate::password::Passwords;
 
 pub struct Backend {
     pub config: Config,
     pub tokens: Tokens,
-    /// PostgreSQL, the system of record.
+    /// PostgreSQL, the system of record, and the outbox of fan-out jobs.
     pub db: Pool,
     /// Redis: feeds, post bodies, and the gateway membership.
     pub feed: FeedCache,
-    /// Where `POST /post/create` and delete enqueue fan-out jobs.
-    pub jobs: JobQueue,
+    /// The RabbitMQ nodes the workers publish events to. The API itself
+    /// never needs the broker: a post is accepted once it is committed.
+    pub brokers: Nodes,
+    /// Wakes idle fan-out workers when a job is committed (see
+    /// [`crate::outbox::listen`]).
+    pub outbox_wake: Arc<Notify>,
     pub metrics: Metrics,
     pub passwords: Passwords,
 }
 
 impl Backend {
     /// Connects PostgreSQL (creating and migrating the database) and Redis.
-    /// The broker is dialled on first use, so a broker outage costs 503s
-    /// on post writes, not the whole API.
+    /// The broker is dialled by the workers when they have events to
+    /// publish, so a broker outage delays devices, not the API.
     pub async fn connect(config: Config) -> anyhow::Result<Arc<Backend>> {
         let db = db::connect(&config.database_url, config.db_pool_size).await?;
         let client = redis::Client::open(config.redis_url.as_str()).context("REDIS_URL")?;
@@ -38,7 +43,8 @@ impl Backend {
             .map_err(|e| anyhow::anyhow!("argon2 params: {e}"))?;
         Ok(Arc::new(Backend {
             tokens: Tokens::new(config.jwt_secret().as_bytes()),
-            jobs: JobQueue::new(&config.amqp_url, &config.fanout_queue),
+            brokers: Nodes::new(&config.amqp_url),
+            outbox_wake: Arc::new(Notify::new()),
             feed: FeedCache { redis },
             metrics: Metrics::new(),
             passwords: Passwords::new(argon2_params),

@@ -228,20 +228,3 @@ async fn operational_routes_answer() {
     }
     backend.stop().await;
 }
-
-#[tokio::test]
-async fn broker_down_means_503_with_retry_after_and_no_post() {
-    // A backend whose broker URL points at a closed port.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let backend =
-        TestBackend::start_unready(move |c| c.amqp_url = format!("amqp://guest:guest@{closed}/{}", vhost())).await;
-    let api = backend.client();
-    let (me, token) = api.user("Lonely").await;
-    let r = api.call("POST", "/post/create", Some(&token), Some(r#"{"text":"into the void"}"#)).await;
-    assert_error(&r, 503, "retry");
-    assert_eq!(r.headers["retry-after"], "1");
-    let n: i64 = pg().await.query_one("SELECT count(*) FROM posts WHERE author_id = $1", &[&me]).await.unwrap().get(0);
-    assert_eq!(n, 0, "the post was taken back");
-    assert_eq!(api.call("GET", "/readyz", None, None).await.status, 503);
-    backend.stop().await;
-}

@@ -243,3 +243,49 @@ async fn a_fan_out_cut_off_by_a_broker_failure_is_redone_without_losing_anyone()
     drop_feeds(&followers).await;
     backend.stop().await;
 }
+
+/// The outbox row of a post's job: (attempts, last error).
+async fn job_row(post_id: &str) -> Option<(i32, Option<String>)> {
+    let row = pg().await.query_opt("SELECT attempts, last_error FROM outbox WHERE post_id = $1", &[&post_id]).await;
+    row.unwrap().map(|r| (r.get(0), r.get(1)))
+}
+
+#[tokio::test]
+async fn while_the_broker_is_down_a_post_is_accepted_and_its_job_retried_visibly_until_it_is_back() {
+    const N: usize = 3;
+    let proxy = AmqpProxy::start().await;
+    proxy.refuse(true);
+    let url = proxy.url();
+    let backend = TestBackend::start(move |c| c.amqp_url = url).await;
+    let api = backend.client();
+    let (author, author_token) = api.user("Patient").await;
+    let followers = bulk_followers(&author, N).await;
+    let mut tap = Tap::new().await;
+
+    // Accepted: the post and its job are committed, the broker is not asked.
+    let post_id = api.post(&author_token, "while the broker is away").await;
+    // The feeds do not wait for the broker.
+    wait_for("feeds written", || async { feeds_holding(&followers, &post_id).await == N }).await;
+    // The job fails, stays, says why, and is retried with growing delays.
+    wait_for("two failed attempts", || async { job_row(&post_id).await.is_some_and(|(a, _)| a >= 2) }).await;
+    let (attempts, why) = job_row(&post_id).await.expect("the job is kept");
+    let why = why.expect("the row says why");
+    eprintln!("job after {attempts} attempts: {why}");
+    assert!(why.contains("broker unreachable"), "{why}");
+    wait_for("the failing job in the metrics", || async {
+        let m = api.call("GET", "/metrics", None, None).await.body;
+        counter(&m, "backend_outbox_failing_jobs") >= 1.0 && counter(&m, "backend_fanout_retries_total") >= 2.0
+    })
+    .await;
+    assert_eq!(api.call("GET", "/readyz", None, None).await.status, 200, "the API stays ready");
+
+    // The broker is back: the next attempt delivers, and the job is gone.
+    proxy.refuse(false);
+    let mut all = HashSet::new();
+    tap.collect_into(&post_id, &mut all, N, Duration::from_millis(100)).await;
+    assert_eq!(all, followers.iter().cloned().collect::<HashSet<_>>(), "every follower got the event");
+    wait_for("job finished", || async { job_row(&post_id).await.is_none() }).await;
+
+    drop_feeds(&followers).await;
+    backend.stop().await;
+}

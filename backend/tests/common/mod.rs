@@ -4,7 +4,7 @@
 //!
 //! Isolation: tests share the services with each other and with other
 //! crates' tests, so every id is fresh (UUIDv7), every backend has its own
-//! fan-out queue and membership key, and nothing shared is ever flushed.
+//! outbox queue and membership key, and nothing shared is ever flushed.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -17,7 +17,6 @@ use contract::event::PostEvent;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use lapin::options::QueueDeleteOptions;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -122,7 +121,8 @@ impl TestBackend {
         Client { addr: self.addr }
     }
 
-    /// Stops the backend and deletes its fan-out queue.
+    /// Stops the backend and deletes what is left of its outbox queue and
+    /// its membership key.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -130,10 +130,7 @@ impl TestBackend {
         if let Some(j) = self.join.take() {
             tokio::time::timeout(Duration::from_secs(30), j).await.expect("backend stops").unwrap().unwrap();
         }
-        let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        // Absent if this backend never reached the broker: deleting is a no-op then.
-        ch.queue_delete(self.backend.config.fanout_queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+        pg().await.execute("DELETE FROM outbox WHERE queue = $1", &[&self.backend.config.fanout_queue]).await.unwrap();
         let mut redis = self.redis().await;
         let _: () = redis::cmd("DEL").arg(&self.backend.config.membership_key).query_async(&mut redis).await.unwrap();
     }
