@@ -14,7 +14,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use contract::token::{self, TokenError};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ErrorInfo};
@@ -123,10 +122,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, backend: &AppState) -> Result<Caller, ApiError> {
-        let result = match token::from_request(&parts.headers, parts.uri.query()) {
-            None => Err(TokenError::Missing),
-            Some(t) => backend.tokens.verify(t),
-        };
+        let result = backend.tokens.authenticate(&parts.headers, parts.uri.query());
         result.map(|c| Caller(c.sub)).map_err(|e| ApiError::Unauthorized(e.to_string()))
     }
 }

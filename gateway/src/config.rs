@@ -76,6 +76,10 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PREFETCH", default_value_t = 512)]
     pub prefetch: u16,
 
+    /// Longest token lifetime (`exp - iat`) accepted; longer ones get 401.
+    #[arg(long, env = "GATEWAY_MAX_TOKEN_LIFETIME", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub max_token_lifetime: Duration,
+
     /// How long shutdown waits for devices to take their 1001 and go.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

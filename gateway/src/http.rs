@@ -69,6 +69,10 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
         gw.metrics.opened_bad_request.increment(1);
         return message(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
     }
+    if let Err(resp) = check_handshake(&req) {
+        gw.metrics.opened_bad_request.increment(1);
+        return resp;
+    }
     // Not the owner: proxy to it. A node never serves a user whose slot it
     // has not bound: events for that user would not reach it. So when a
     // proxied request arrives while the rings disagree (the proxy reconciled
@@ -79,7 +83,7 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
             resp.headers_mut().insert("retry-after", "1".parse().expect("static"));
             return resp;
         }
-        let token = token::from_request(req.headers(), req.uri().query()).unwrap_or_default().to_owned();
+        let token = token::extract(req.headers(), req.uri().query()).unwrap_or_default().to_owned();
         return proxy::proxy(gw, guard, req, token, owner).await;
     }
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -90,9 +94,9 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
         }
     };
     let since = req.uri().query().and_then(|q| token::query_param(q, "since")).map(str::to_owned);
-    if since.as_ref().is_some_and(|s| s.len() > contract::slot::MAX_USER_ID_LEN) {
+    if since.as_ref().is_some_and(|s| !token::is_valid_id(s)) {
         gw.metrics.opened_bad_request.increment(1);
-        return message(StatusCode::BAD_REQUEST, "since: a post id is at most 64 bytes");
+        return message(StatusCode::BAD_REQUEST, "since: a post id is 1-64 of [A-Za-z0-9._-]");
     }
     let task_gw = gw.clone();
     gw.tasks.spawn(async move {
@@ -108,6 +112,30 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
         }
     });
     resp.map(|_| Full::new(Bytes::new()))
+}
+
+/// What RFC 6455 §4.2.1 asks of an opening handshake beyond what
+/// `is_upgrade_request` checks: HTTP/1.1 (1.0 has no upgrade; hyper would
+/// otherwise switch protocols on it), version 13 (else 426 naming the one
+/// supported, §4.4), and a key that is 16 bytes in base64.
+fn check_handshake(req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    use base64::Engine;
+    if req.version() != hyper::Version::HTTP_11 {
+        return Err(message(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
+    }
+    let version = req.headers().get_all("sec-websocket-version").into_iter().collect::<Vec<_>>();
+    if version.len() != 1 || version[0] != "13" {
+        let mut resp = message(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version, 13 is");
+        resp.headers_mut().insert("sec-websocket-version", hyper::header::HeaderValue::from_static("13"));
+        return Err(resp);
+    }
+    let keys = req.headers().get_all("sec-websocket-key").into_iter().collect::<Vec<_>>();
+    let key_ok = keys.len() == 1
+        && base64::engine::general_purpose::STANDARD.decode(keys[0].as_bytes()).is_ok_and(|k| k.len() == 16);
+    if !key_ok {
+        return Err(message(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64"));
+    }
+    Ok(())
 }
 
 /// `GET /v1/route`: which node owns the caller, for clients that want to
@@ -144,10 +172,7 @@ fn ring(gw: &Gateway) -> Response<Body> {
 
 /// Verifies the request's token; the error is the reason to tell the client.
 fn authenticate(gw: &Gateway, req: &Request<Incoming>) -> Result<Claims, TokenError> {
-    match token::from_request(req.headers(), req.uri().query()) {
-        None => Err(TokenError::Missing),
-        Some(t) => gw.tokens.verify(t),
-    }
+    gw.tokens.authenticate(req.headers(), req.uri().query())
 }
 
 pub fn message(status: StatusCode, msg: &str) -> Response<Body> {

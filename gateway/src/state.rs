@@ -57,7 +57,7 @@ impl Gateway {
         metrics.ring_members.set(ring.members().len() as f64);
         metrics.owned_slots.set(ring.slots_of(config.node_id()).len() as f64);
         Arc::new(Gateway {
-            tokens: Tokens::new(config.jwt_secret.as_bytes()),
+            tokens: Tokens::new(config.jwt_secret.as_bytes()).with_max_lifetime(config.max_token_lifetime),
             sessions: Sessions::new(config.max_devices_per_user, config.send_queue, metrics.clone()),
             prometheus,
             metrics,
