@@ -329,8 +329,9 @@ mod tests {
         assert_eq!(from_request(&h, None), Some("x"));
         h.insert("x-auth", "y".parse().unwrap());
         assert_eq!(from_request(&h, None), Some("y"));
+        let mut h = http::HeaderMap::new();
         h.insert("authorization", "bearer z".parse().unwrap());
-        assert_eq!(from_request(&h, Some("token=q")), Some("z"));
-        assert_eq!(from_request(&http::HeaderMap::new(), Some("token=")), None);
+        assert_eq!(extract(&h, None), Ok("z"));
+        assert_eq!(extract(&http::HeaderMap::new(), Some("token=")), Err(TokenError::Missing));
     }
 }

@@ -69,7 +69,7 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
         gw.metrics.opened_bad_request.increment(1);
         return message(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
     }
-    if let Err(resp) = check_handshake(&req) {
+    if let Some(resp) = check_handshake(&req) {
         gw.metrics.opened_bad_request.increment(1);
         return resp;
     }
@@ -117,25 +117,26 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
 /// What RFC 6455 §4.2.1 asks of an opening handshake beyond what
 /// `is_upgrade_request` checks: HTTP/1.1 (1.0 has no upgrade; hyper would
 /// otherwise switch protocols on it), version 13 (else 426 naming the one
-/// supported, §4.4), and a key that is 16 bytes in base64.
-fn check_handshake(req: &Request<Incoming>) -> Result<(), Response<Body>> {
+/// supported, §4.4), and a key that is 16 bytes in base64. The refusal to
+/// send, if any.
+fn check_handshake(req: &Request<Incoming>) -> Option<Response<Body>> {
     use base64::Engine;
     if req.version() != hyper::Version::HTTP_11 {
-        return Err(message(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
+        return Some(message(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
     }
     let version = req.headers().get_all("sec-websocket-version").into_iter().collect::<Vec<_>>();
     if version.len() != 1 || version[0] != "13" {
         let mut resp = message(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version, 13 is");
         resp.headers_mut().insert("sec-websocket-version", hyper::header::HeaderValue::from_static("13"));
-        return Err(resp);
+        return Some(resp);
     }
     let keys = req.headers().get_all("sec-websocket-key").into_iter().collect::<Vec<_>>();
     let key_ok = keys.len() == 1
         && base64::engine::general_purpose::STANDARD.decode(keys[0].as_bytes()).is_ok_and(|k| k.len() == 16);
     if !key_ok {
-        return Err(message(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64"));
+        return Some(message(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64"));
     }
-    Ok(())
+    None
 }
 
 /// `GET /v1/route`: which node owns the caller, for clients that want to
