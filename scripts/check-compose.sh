@@ -125,6 +125,7 @@ for f in "${dashboards[@]}"; do
   python3 -m json.tool "$f" >/dev/null || die "$f is not valid JSON"
 done
 say "dashboards parse: ${dashboards[*]}"
+python3 grafana/dashboards.py --check || die "grafana/dashboards/*.json are not what grafana/dashboards.py writes"
 
 # 4. Cross-checks on the normalized compose config, Prometheus, Grafana.
 compose config --format json > "$out.json" 2>"$out" || { cat "$out" >&2; die "docker-compose config --format json failed"; }
