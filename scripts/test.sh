@@ -10,3 +10,4 @@ bash scripts/services.sh
 bash scripts/nchan.sh ensure   # nginx + Nchan for loadtest/tests/nchan.rs: cargo test installs nothing, it fails without them
 cargo test --workspace --all-targets
 bash scripts/check-compose.sh   # docker-compose.yml, Prometheus and Grafana config (no Docker needed)
+bash scripts/check-panels.sh   # every dashboard query against a real Prometheus, stack and load run (~2 min)
