@@ -119,7 +119,7 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
 /// otherwise switch protocols on it), version 13 (else 426 naming the one
 /// supported, §4.4), and a key that is 16 bytes in base64. The refusal to
 /// send, if any.
-fn check_handshake(req: &Request<Incoming>) -> Option<Response<Body>> {
+pub fn check_handshake(req: &Request<Incoming>) -> Option<Response<Body>> {
     use base64::Engine;
     if req.version() != hyper::Version::HTTP_11 {
         return Some(message(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
