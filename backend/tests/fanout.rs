@@ -8,103 +8,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use contract::event;
 use contract::membership::{Record, now_ms};
 use contract::ring::{Member, Ring};
-use contract::slot::{SLOTS, parse_routing_key, routing_key, slot_of};
-use contract::topology::{self, EXCHANGE};
-use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use contract::slot::{SLOTS, slot_of};
 
 const FOLLOWERS: usize = 10_000;
-
-/// A queue bound to `feed.events` for every slot: sees every event message.
-struct Tap {
-    _conn: lapin::Connection,
-    consumer: lapin::Consumer,
-}
-
-impl Tap {
-    async fn new() -> Tap {
-        let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        topology::declare_exchanges(&ch).await.unwrap();
-        let name = unique("test.tap");
-        // Exclusive and auto-delete: it goes away with this connection.
-        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        ch.queue_declare(name.as_str().into(), opts, FieldTable::default()).await.unwrap();
-        let binds = (0..SLOTS).map(|s| {
-            let key = routing_key(s);
-            let ch = ch.clone();
-            let name = name.clone();
-            async move {
-                ch.queue_bind(
-                    name.as_str().into(),
-                    EXCHANGE.into(),
-                    key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-        });
-        futures_util::future::try_join_all(binds).await.unwrap();
-        let consumer = ch
-            .basic_consume(name.as_str().into(), "tap".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .unwrap();
-        Tap { _conn: conn, consumer }
-    }
-
-    /// Collects the messages of `post_id` until they name `expected`
-    /// distinct recipients, then for a further `settle` to catch extras.
-    /// Returns (routing slot, recipients) per message.
-    async fn collect(&mut self, post_id: &str, expected: usize, settle: Duration) -> Vec<(u16, Vec<String>)> {
-        self.collect_into(post_id, &mut HashSet::new(), expected, settle).await
-    }
-
-    /// Like `collect`, counting the recipients already in `seen`.
-    async fn collect_into(
-        &mut self,
-        post_id: &str,
-        seen: &mut HashSet<String>,
-        expected: usize,
-        settle: Duration,
-    ) -> Vec<(u16, Vec<String>)> {
-        let mut messages = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut settle_until: Option<tokio::time::Instant> =
-            (seen.len() >= expected).then(|| tokio::time::Instant::now() + settle);
-        loop {
-            let until = settle_until.unwrap_or(deadline);
-            let next = match tokio::time::timeout_at(until, self.consumer.next()).await {
-                Ok(n) => n,
-                Err(_) if settle_until.is_some() => return messages,
-                Err(_) => panic!("timed out: {} of {expected} recipients in {} messages", seen.len(), messages.len()),
-            };
-            let d = next.unwrap().unwrap();
-            d.ack(BasicAckOptions::default()).await.unwrap();
-            let msg = event::decode(&d.data).unwrap();
-            let ev: event::PostEvent = serde_json::from_str(msg.event.get()).unwrap();
-            if ev.id != post_id {
-                continue; // another test's event
-            }
-            // Gateways of other tests (other rings) that got this message
-            // re-publish the recipients they do not own, with x-hops 1:
-            // those are not the backend's messages.
-            if topology::header_u64(d.properties.headers().as_ref(), event::HEADER_HOPS).unwrap_or(0) > 0 {
-                continue;
-            }
-            let recipients: Vec<String> = msg.recipients.iter().map(|r| r.to_string()).collect();
-            seen.extend(recipients.iter().cloned());
-            messages.push((parse_routing_key(d.routing_key.as_str()).unwrap(), recipients));
-            if seen.len() >= expected && settle_until.is_none() {
-                settle_until = Some(tokio::time::Instant::now() + settle);
-            }
-        }
-    }
-}
 
 #[tokio::test]
 async fn ten_thousand_followers_are_three_messages_for_three_nodes() {

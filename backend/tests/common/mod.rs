@@ -7,16 +7,21 @@
 //! outbox queue and membership key, and nothing shared is ever flushed.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backend::{Backend, Config};
 use bytes::Bytes;
-use contract::event::PostEvent;
+use contract::event::{self, PostEvent};
+use contract::slot::{SLOTS, parse_routing_key, routing_key};
+use contract::topology::{self, EXCHANGE};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -220,6 +225,30 @@ impl Client {
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    }
+
+    /// Like [`Client::call`], but `None` when there is no answer (refused,
+    /// reset, or none within 10 s): for a server that may be killed.
+    pub async fn try_call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Option<Resp> {
+        let attempt = async {
+            let stream = TcpStream::connect(self.addr).await.ok()?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+            tokio::spawn(conn);
+            let mut b = hyper::Request::builder().method(method).uri(path).header("host", "backend");
+            if let Some(t) = token {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            if body.is_some() {
+                b = b.header("content-type", "application/json");
+            }
+            let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+            let resp = sender.send_request(req).await.ok()?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            Some(Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+        };
+        tokio::time::timeout(Duration::from_secs(10), attempt).await.ok().flatten()
     }
 
     /// Registers a user and logs in: (user id, token).
@@ -532,5 +561,107 @@ async fn forward(client: TcpStream, broker: TcpStream, inner: &ProxyInner) {
     tokio::select! {
         _ = down => {}
         _ = up => {}
+    }
+}
+
+/// A queue bound to `feed.events` for every slot: sees every event message.
+pub struct Tap {
+    _conn: lapin::Connection,
+    consumer: lapin::Consumer,
+}
+
+impl Tap {
+    pub async fn new() -> Tap {
+        let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        topology::declare_exchanges(&ch).await.unwrap();
+        let name = unique("test.tap");
+        // Exclusive and auto-delete: it goes away with this connection.
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        ch.queue_declare(name.as_str().into(), opts, FieldTable::default()).await.unwrap();
+        let binds = (0..SLOTS).map(|s| {
+            let key = routing_key(s);
+            let ch = ch.clone();
+            let name = name.clone();
+            async move {
+                ch.queue_bind(
+                    name.as_str().into(),
+                    EXCHANGE.into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+        });
+        futures_util::future::try_join_all(binds).await.unwrap();
+        let consumer = ch
+            .basic_consume(name.as_str().into(), "tap".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        Tap { _conn: conn, consumer }
+    }
+
+    /// The next event message the backend published (not a gateway's
+    /// re-publish): (post id, recipients). `None` after `wait` without one.
+    pub async fn next_message(&mut self, wait: Duration) -> Option<(String, Vec<String>)> {
+        loop {
+            let d = tokio::time::timeout(wait, self.consumer.next()).await.ok()?.unwrap().unwrap();
+            d.ack(BasicAckOptions::default()).await.unwrap();
+            if topology::header_u64(d.properties.headers().as_ref(), event::HEADER_HOPS).unwrap_or(0) > 0 {
+                continue;
+            }
+            let msg = event::decode(&d.data).unwrap();
+            let ev: event::PostEvent = serde_json::from_str(msg.event.get()).unwrap();
+            return Some((ev.id, msg.recipients.iter().map(|r| r.to_string()).collect()));
+        }
+    }
+
+    /// Collects the messages of `post_id` until they name `expected`
+    /// distinct recipients, then for a further `settle` to catch extras.
+    /// Returns (routing slot, recipients) per message.
+    pub async fn collect(&mut self, post_id: &str, expected: usize, settle: Duration) -> Vec<(u16, Vec<String>)> {
+        self.collect_into(post_id, &mut HashSet::new(), expected, settle).await
+    }
+
+    /// Like `collect`, counting the recipients already in `seen`.
+    pub async fn collect_into(
+        &mut self,
+        post_id: &str,
+        seen: &mut HashSet<String>,
+        expected: usize,
+        settle: Duration,
+    ) -> Vec<(u16, Vec<String>)> {
+        let mut messages = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut settle_until: Option<tokio::time::Instant> =
+            (seen.len() >= expected).then(|| tokio::time::Instant::now() + settle);
+        loop {
+            let until = settle_until.unwrap_or(deadline);
+            let next = match tokio::time::timeout_at(until, self.consumer.next()).await {
+                Ok(n) => n,
+                Err(_) if settle_until.is_some() => return messages,
+                Err(_) => panic!("timed out: {} of {expected} recipients in {} messages", seen.len(), messages.len()),
+            };
+            let d = next.unwrap().unwrap();
+            d.ack(BasicAckOptions::default()).await.unwrap();
+            let msg = event::decode(&d.data).unwrap();
+            let ev: event::PostEvent = serde_json::from_str(msg.event.get()).unwrap();
+            if ev.id != post_id {
+                continue; // another test's event
+            }
+            // Gateways of other tests (other rings) that got this message
+            // re-publish the recipients they do not own, with x-hops 1:
+            // those are not the backend's messages.
+            if topology::header_u64(d.properties.headers().as_ref(), event::HEADER_HOPS).unwrap_or(0) > 0 {
+                continue;
+            }
+            let recipients: Vec<String> = msg.recipients.iter().map(|r| r.to_string()).collect();
+            seen.extend(recipients.iter().cloned());
+            messages.push((parse_routing_key(d.routing_key.as_str()).unwrap(), recipients));
+            if seen.len() >= expected && settle_until.is_none() {
+                settle_until = Some(tokio::time::Instant::now() + settle);
+            }
+        }
     }
 }
