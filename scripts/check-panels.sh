@@ -75,11 +75,12 @@ prometheus.tcp.ip = 127.0.0.1
 EOF
 printf 'NODENAME=%s\nERL_EPMD_ADDRESS=127.0.0.1\n' "$NODE" > "$D/rmq/rabbitmq-env.conf"
 say "starting RabbitMQ node $NODE on $AMQP_PORT (metrics on $RMQ_PROM_PORT)"
-env HOME="$D/rmq/home" RABBITMQ_NODENAME="$NODE" RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_DIST_PORT="$DIST_PORT" \
+# From inside $D: Erlang writes crash dumps (MnesiaCore.*) into its working directory.
+(cd "$D" && env HOME="$D/rmq/home" RABBITMQ_NODENAME="$NODE" RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_DIST_PORT="$DIST_PORT" \
   RABBITMQ_MNESIA_BASE="$D/rmq/mnesia" RABBITMQ_LOG_BASE="$D/rmq/log" \
   RABBITMQ_ENABLED_PLUGINS_FILE="$D/rmq/plugins" RABBITMQ_CONFIG_FILE="$D/rmq/rabbitmq.conf" \
   RABBITMQ_CONF_ENV_FILE="$D/rmq/rabbitmq-env.conf" RABBITMQ_PID_FILE="$D/rmq/node.pid" \
-  /usr/lib/rabbitmq/bin/rabbitmq-server -detached
+  /usr/lib/rabbitmq/bin/rabbitmq-server -detached)
 wait_http "http://127.0.0.1:$RMQ_PROM_PORT/metrics" 60 "RabbitMQ's metrics endpoint"
 AMQP="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
 

@@ -3,11 +3,16 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets (seconds): fine below 20 ms, where the target is.
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Up to 30 s, so a backlog after a failover reads as what it is, not as
+/// "above 10 s".
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0];
 /// How often histograms are folded so unscraped samples do not pile up.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -24,6 +29,7 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             process_collector().describe();
+            describe();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -102,7 +108,7 @@ impl Metrics {
             ring_members: gauge!("gateway_ring_members"),
             rebalances: counter!("gateway_rebalances_total"),
             proxied: gauge!("gateway_proxied_connections"),
-            proxied_total: counter!("gateway_proxied_connections_total"),
+            proxied_total: counter!("gateway_proxied_opened_total"),
             republished: counter!("gateway_republished_messages_total"),
             misrouted: counter!("gateway_misrouted_recipients_total"),
             departed_drained: counter!("gateway_departed_drained_messages_total"),
@@ -119,6 +125,51 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// HELP text for every metric of the gateway (shown by `/metrics`).
+fn describe() {
+    describe_gauge!("gateway_connections", "WebSocket devices this node holds, proxied ones included.");
+    describe_gauge!("gateway_users", "Distinct users with at least one device on this node.");
+    describe_counter!(
+        "gateway_connections_opened_total",
+        "WebSocket connection attempts by result: ok, or why the node refused it."
+    );
+    describe_counter!("gateway_connections_closed_total", "Devices the node closed, by reason.");
+    describe_counter!("gateway_broker_messages_total", "Messages consumed from this node's RabbitMQ queue.");
+    describe_counter!("gateway_broker_bad_messages_total", "Consumed messages that could not be parsed (rejected).");
+    describe_counter!("gateway_broker_reconnects_total", "Times the RabbitMQ connection was lost and made again.");
+    describe_counter!(
+        "gateway_deliveries_total",
+        "Event frames for devices by result: sent, dropped_slow (device closed as slow), write_failed."
+    );
+    describe_histogram!(
+        "gateway_delivery_latency_seconds",
+        Unit::Seconds,
+        "From the publisher's x-published-at to the frame written to the device's socket."
+    );
+    describe_counter!("gateway_recipients_offline_total", "Recipients of consumed events with no device on this node.");
+    describe_gauge!("gateway_owned_slots", "Slots of the 1024 this node owns and binds.");
+    describe_gauge!("gateway_ring_members", "Members of the ring as this node sees it.");
+    describe_counter!("gateway_rebalances_total", "Ring changes this node adopted.");
+    describe_gauge!("gateway_proxied_connections", "Devices this node relays to their owner node now.");
+    describe_counter!("gateway_proxied_opened_total", "Devices this node started relaying to their owner node.");
+    describe_counter!(
+        "gateway_republished_messages_total",
+        "Messages re-published once because the publisher's ring view was stale."
+    );
+    describe_counter!(
+        "gateway_misrouted_recipients_total",
+        "Recipients that arrived at a node that does not own them (re-published)."
+    );
+    describe_counter!(
+        "gateway_departed_drained_messages_total",
+        "Messages drained from a departed node's queue and delivered."
+    );
+    describe_counter!("gateway_recovered_events_total", "Events replayed from the feed cache to devices (since).");
+    describe_gauge!("gateway_process_rss_bytes", Unit::Bytes, "Resident set size of the process.");
+    describe_gauge!("gateway_heap_allocated_bytes", Unit::Bytes, "Bytes the program holds (jemalloc).");
+    describe_gauge!("gateway_heap_resident_bytes", Unit::Bytes, "Bytes jemalloc keeps resident.");
 }
 
 /// The standard `process_*` metrics (CPU seconds, RSS, open files and their
