@@ -209,6 +209,15 @@ def backend():
          [(f"histogram_quantile(0.99, sum by (route, le) (rate(backend_http_request_duration_seconds_bucket{{{api}}}[{R}])))", "{{route}}")],
          "s", "A slow route stands out here.")
     b.row("Fan-out")
+    b.stat("Outbox jobs waiting", [("sum(backend_outbox_jobs)", "jobs")], "none", steps(GREEN, (1000, ORANGE), (10000, RED)),
+           "Fan-out jobs in the PostgreSQL outbox, not yet done (each post, update or deletion is one).", w=8)
+    b.stat("Oldest outbox job", [("max(backend_outbox_oldest_job_age_seconds)", "age")], "s",
+           steps(GREEN, (5, ORANGE), (30, RED)), "How far the fan-out lags behind the newest post it has to do.", w=8)
+    b.stat("Failing outbox jobs", [("sum(backend_outbox_failing_jobs)", "jobs")], "none", steps(GREEN, (1, RED)),
+           "Jobs that failed at least once and wait for their retry; the row's last_error says why.", w=8)
+    b.ts("Fan-out lag and backlog", [("max(backend_outbox_oldest_job_age_seconds)", "oldest job age (s)"),
+                                     ("sum(backend_outbox_jobs)", "jobs waiting")],
+         "short", "The outbox over time: age of the oldest job waiting, and how many wait.")
     b.ts("Fan-out jobs/s and retries/s", [(f"sum(rate(backend_fanout_jobs_total[{R}]))", "jobs"),
                                           (f"sum(rate(backend_fanout_retries_total[{R}]))", "retries")],
          "ops", "One job per post, update or deletion.")
@@ -258,13 +267,13 @@ def broker():
            steps(GREEN, (1, RED)), "Events published for slots no gateway bound. Any at all is a window without an owner.")
     b.stat("Gateway queues backlog", [(f'sum({q}{{queue=~"gateway\\\\..*"}}) or vector(0)', "messages")], "none",
            steps(GREEN, (1000, ORANGE), (10000, RED)), "Messages waiting in all gateway queues.")
-    b.stat("Fan-out and other queues backlog", [(f'sum({q}{{queue!~"gateway\\\\..*|feed.unroutable"}}) or vector(0)', "messages")],
-           "none", steps(GREEN, (1000, ORANGE), (10000, RED)), "Jobs and anything else waiting.")
+    b.stat("Other queues backlog", [(f'sum({q}{{queue!~"gateway\\\\..*|feed.unroutable"}}) or vector(0)', "messages")],
+           "none", steps(GREEN, (1000, ORANGE), (10000, RED)), "Anything else waiting in the broker.")
     b.stat("Connections", [("sum(rabbitmq_connections)", "connections")], "short", steps(BLUE), "Client connections.")
     b.ts("Depth per gateway queue", [(f'{q}{{queue=~"gateway\\\\..*"}}', "{{queue}}")], "short",
          "A growing queue is a node that does not keep up, or a dead node's queue before it is drained.")
     b.ts("Depth of the other queues", [(f'{q}{{queue!~"gateway\\\\..*"}}', "{{queue}}")], "short",
-         "The fan-out job queue and feed.unroutable.")
+         "feed.unroutable and any other queue (fan-out jobs live in the backend's PostgreSQL outbox, not here).")
     b.row("Rates")
     b.ts("Messages/s", [(f"sum(rate(rabbitmq_global_messages_received_total[{R}]))", "published"),
                         (f"sum(rate(rabbitmq_global_messages_delivered_total[{R}]))", "delivered"),
