@@ -72,6 +72,28 @@ pub struct Config {
     #[arg(long, env = "ARGON2_ITERATIONS", default_value_t = 2, global = true)]
     pub argon2_iterations: u32,
 
+    /// Open HTTP connections at most; beyond, a new connection gets a 503
+    /// and is closed. Keep it below the open-file limit (and leave room
+    /// for the pool and Redis), or idle sockets can take the process down.
+    #[arg(long, env = "BACKEND_MAX_CONNECTIONS", default_value_t = 4096, global = true)]
+    pub max_connections: usize,
+
+    /// How long a client may take to send a request's headers, and how
+    /// long a kept-alive connection may wait for its next request (hyper
+    /// runs the same timer for both): slowloris and idle sockets are closed.
+    #[arg(long, env = "BACKEND_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub header_read_timeout: Duration,
+
+    /// Longest a request may take, body upload included (503 after it): a
+    /// stuck dependency or a 1 byte/s body cannot hold a request forever.
+    #[arg(long, env = "BACKEND_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub request_timeout: Duration,
+
+    /// Requests handled at once; more are answered 503 at once rather than
+    /// queued (queued work only adds latency to every request).
+    #[arg(long, env = "BACKEND_MAX_IN_FLIGHT", default_value_t = 512, global = true)]
+    pub max_in_flight: usize,
+
     /// How long shutdown waits for requests in flight.
     #[arg(long, env = "BACKEND_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
@@ -122,6 +144,15 @@ impl Config {
         }
         if argon2::Params::new(self.argon2_memory_kib, self.argon2_iterations, 1, None).is_err() {
             return Err("ARGON2_MEMORY_KIB / ARGON2_ITERATIONS are out of argon2's range".into());
+        }
+        if self.max_connections == 0 {
+            return Err("BACKEND_MAX_CONNECTIONS (--max-connections) must be at least 1".into());
+        }
+        if self.max_in_flight == 0 {
+            return Err("BACKEND_MAX_IN_FLIGHT (--max-in-flight) must be at least 1".into());
+        }
+        if self.header_read_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err("BACKEND_HEADER_READ_TIMEOUT and BACKEND_REQUEST_TIMEOUT must be positive".into());
         }
         if self.token_ttl.is_zero() {
             return Err("TOKEN_TTL (--token-ttl) must be positive".into());

@@ -4,7 +4,7 @@
 //! `/healthz`, `/readyz`, `/openapi.json`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -50,6 +50,17 @@ pub fn router(backend: AppState) -> Router {
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // At most max_in_flight at once, the rest shed at once (503), and
+        // each bounded in time, body upload included.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+                .load_shed()
+                // Global: `Router::layer` makes one service per route, and
+                // the limit is for all of them together.
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(backend.config.max_in_flight))
+                .timeout(backend.config.request_timeout),
+        )
         .layer(middleware::from_fn_with_state(backend.clone(), observe))
         .with_state(backend)
 }
@@ -104,15 +115,73 @@ pub fn metrics_router(backend: AppState) -> Router {
         .with_state(backend)
 }
 
+/// The answer to a connection over `--max-connections`, written without
+/// reading its request.
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: application/json\r\n\
+connection: close\r\ncontent-length: 68\r\n\r\n{\"message\":\"too many connections, retry later\",\"code\":\"unavailable\"}";
+/// Pause after a failed accept (out of file descriptors): retrying at once
+/// would spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 /// Serves `app` on `listener` until `shutdown`, then lets requests in
-/// flight finish.
+/// flight finish (the caller bounds that with the grace timeout).
+/// Connections are capped at `max_connections`, and each has hyper's
+/// header-read timer, which also closes kept-alive connections left idle.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    _backend: AppState,
+    backend: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let config = &backend.config;
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.header_read_timeout);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            backend.metrics.connections_refused.increment(1);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVER_CAPACITY)).await;
+            });
+            continue;
+        };
+        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Turns the errors of the timeout and load-shed layers into API errors.
+async fn overloaded(e: tower::BoxError) -> ApiError {
+    if e.is::<tower::timeout::error::Elapsed>() {
+        ApiError::Unavailable("request timed out".into())
+    } else if e.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::Unavailable("too many requests in flight".into())
+    } else {
+        ApiError::Internal(anyhow::anyhow!("request layer: {e}"))
+    }
 }
 
 /// The authenticated caller's user id.

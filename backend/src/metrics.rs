@@ -29,6 +29,8 @@ pub struct Metrics {
     pub fanout_retries: Counter,
     /// Fan-out jobs finished.
     pub fanout_jobs: Counter,
+    /// Connections answered 503 and closed: over `--max-connections`.
+    pub connections_refused: Counter,
     /// Jobs in this process's outbox queue, those that failed at least
     /// once, and the age of the oldest (read by upkeep).
     outbox_jobs: Gauge,
@@ -48,6 +50,7 @@ impl Metrics {
             fanout_recipients: counter("backend_fanout_recipients_total"),
             fanout_retries: counter("backend_fanout_retries_total"),
             fanout_jobs: counter("backend_fanout_jobs_total"),
+            connections_refused: counter("backend_connections_refused_total"),
             outbox_jobs: gauge("backend_outbox_jobs"),
             outbox_failing: gauge("backend_outbox_failing_jobs"),
             outbox_oldest: gauge("backend_outbox_oldest_job_age_seconds"),
