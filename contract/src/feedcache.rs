@@ -68,6 +68,38 @@ pub async fn events_since(
         .collect())
 }
 
+/// Like [`events_since`], but at most the newest `max` of them, and how
+/// many older ones were left out: a device far behind gets the newest page
+/// (and reads the rest with `GET /post/feed` if it wants them), and only
+/// that page's bodies are read from Redis.
+pub async fn page_since(
+    conn: &mut impl redis::aio::ConnectionLike,
+    user_id: &str,
+    since: &str,
+    max: usize,
+) -> redis::RedisResult<(Vec<PostEvent>, usize)> {
+    let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE").arg(feed_key(user_id)).arg(0).arg(0).query_async(conn).await?;
+    let mut newer: Vec<String> = ids.into_iter().filter(|id| id.as_str() > since).collect();
+    newer.sort();
+    let skipped = newer.len().saturating_sub(max);
+    newer.drain(..skipped);
+    if newer.is_empty() {
+        return Ok((Vec::new(), skipped));
+    }
+    let keys: Vec<String> = newer.iter().map(|id| post_key(id)).collect();
+    let bodies: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(conn).await?;
+    let events = bodies
+        .into_iter()
+        .flatten()
+        .filter_map(|b| serde_json::from_str::<CachedPost>(&b).ok())
+        .map(|p| {
+            let ts = uuid7_millis(&p.id).unwrap_or(0);
+            PostEvent::new(&p.id, &p.text, &p.author_user_id, ts)
+        })
+        .collect();
+    Ok((events, skipped))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,16 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PREFETCH", default_value_t = 512)]
     pub prefetch: u16,
 
+    /// Most events replayed to a reconnecting device (`?since=`), the
+    /// newest ones; a device further behind is told how many were left out.
+    /// At most the send queue: a replay is queued like live events.
+    #[arg(long, env = "GATEWAY_MAX_REPLAY", default_value_t = 256)]
+    pub max_replay: usize,
+
+    /// Feed reads for `?since=` running at once on this node; more wait.
+    #[arg(long, env = "GATEWAY_MAX_RECOVERIES", default_value_t = 8)]
+    pub max_recoveries: usize,
+
     /// Longest token lifetime (`exp - iat`) accepted; longer ones get 401.
     #[arg(long, env = "GATEWAY_MAX_TOKEN_LIFETIME", default_value = "7d", value_parser = humantime::parse_duration)]
     pub max_token_lifetime: Duration,
@@ -129,6 +139,12 @@ impl Config {
         }
         if self.send_queue == 0 {
             return Err("GATEWAY_SEND_QUEUE must be at least 1".into());
+        }
+        if self.max_replay == 0 || self.max_replay > self.send_queue {
+            return Err("GATEWAY_MAX_REPLAY must be 1 to GATEWAY_SEND_QUEUE".into());
+        }
+        if self.max_recoveries == 0 {
+            return Err("GATEWAY_MAX_RECOVERIES must be at least 1".into());
         }
         if self.max_client_frame < 125 {
             return Err("GATEWAY_MAX_CLIENT_FRAME must be at least 125 (a control frame)".into());

@@ -27,8 +27,6 @@ use crate::state::Gateway;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// A write that makes no progress for this long means the peer is gone.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(15);
-/// Reading the feed for `?since=` must take less than this.
-const RECOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most buffers handed to one `writev` (Linux allows 1024).
 const MAX_IOVECS: usize = 64;
 
@@ -142,45 +140,32 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
 /// (the device is registered already, so nothing published meanwhile is
 /// missed). Events that live delivery has queued already are left out of
 /// the replay; one that arrives live just after it still comes twice,
-/// recognisable by its id. If the
-/// feed cannot be read, the device is closed with 1011 to reconnect later
-/// rather than silently miss events, and live events queued meanwhile are
-/// dropped: delivering them would move the client's next `since` past the gap.
+/// recognisable by its id. If the feed cannot be read, the device is
+/// closed with 1011 to reconnect later rather than silently miss events,
+/// and live events queued meanwhile are dropped: delivering them would
+/// move the client's next `since` past the gap.
 async fn recover(gw: &Gateway, device: &Device, since: &str) {
-    let read = async {
-        let mut conn = gw.redis().await?;
-        contract::feedcache::events_since(&mut conn, &device.user, since).await
-    };
-    match tokio::time::timeout(RECOVERY_TIMEOUT, read).await {
-        Ok(Ok(events)) => {
+    match gw.recoveries.replay(gw, &device.user, since).await {
+        Ok(replay) => {
             let now = contract::event::now_micros();
-            device.outbox.prepend_with(|live| {
+            if replay.cut.is_some() {
+                gw.metrics.recovery_cuts.increment(1);
+            }
+            let pushed = device.outbox.prepend_with(|live| {
                 let queued: HashSet<&str> = live.iter().filter_map(|q| event_id(&q.frame)).collect();
-                let frames: Vec<Queued> = events
+                let frames: Vec<Queued> = replay
+                    .cut
                     .iter()
-                    .filter(|e| !queued.contains(e.id.as_str()))
-                    .map(|e| Queued {
-                        frame: frame::text(&serde_json::to_vec(e).expect("events serialize")),
-                        published_at_us: now,
-                    })
+                    .chain(replay.events.iter().filter(|(id, _)| !queued.contains(id.as_str())).map(|(_, f)| f))
+                    .map(|f| Queued { frame: f.clone(), published_at_us: now })
                     .collect();
-                gw.metrics.recovered.increment(frames.len() as u64);
                 frames
             });
+            gw.metrics.recovered.increment(pushed as u64);
         }
-        Ok(Err(e)) => {
-            tracing::warn!("feed recovery failed: {e}");
-            device.outbox.close_discarding(Close::Frame {
-                code: CloseCode::Internal,
-                reason: "feed recovery unavailable, retry".into(),
-            });
-        }
-        Err(_) => {
-            tracing::warn!("feed recovery timed out");
-            device.outbox.close_discarding(Close::Frame {
-                code: CloseCode::Internal,
-                reason: "feed recovery timed out, retry".into(),
-            });
+        Err(e) => {
+            tracing::warn!("{e}");
+            device.outbox.close_discarding(Close::Frame { code: CloseCode::Internal, reason: e.to_string() });
         }
     }
 }

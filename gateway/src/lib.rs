@@ -15,6 +15,7 @@
 //! - [`departed`]: survivors drain a dead node's queue, then delete it.
 //! - [`membership`]: Redis heartbeats and the live member list.
 //! - [`proxy`]: a non-owner relays a device to its owner node.
+//! - [`recovery`]: `?since=` replays, bounded, shared and queued.
 //! - [`keepalive`]: pings, silent-peer and token-expiry sweeps.
 //! - [`metrics`]: Prometheus names and handles.
 //! - [`state`]: what the parts share.
@@ -31,6 +32,7 @@ pub mod membership;
 pub mod metrics;
 pub mod outbox;
 pub mod proxy;
+pub mod recovery;
 pub mod server;
 pub mod sessions;
 pub mod state;

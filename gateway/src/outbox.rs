@@ -149,22 +149,33 @@ impl Outbox {
 
     /// Puts recovered events, made by `make` from what is queued already
     /// (so it can leave out what live delivery queued), in front of it, in
-    /// order. Not bounded by the capacity: recovery is bounded by the feed
-    /// length, and a device must get its backlog before its live events.
-    pub fn prepend_with(&self, make: impl FnOnce(&VecDeque<Queued>) -> Vec<Queued>) {
+    /// order, and returns how many. Bounded by the capacity like live
+    /// events: if the replay and what is queued do not fit, the device is
+    /// closed with 4008 (dropping both), as a device this far behind would
+    /// be by live delivery.
+    pub fn prepend_with(&self, make: impl FnOnce(&VecDeque<Queued>) -> Vec<Queued>) -> usize {
         let mut s = self.state.lock();
         if s.close.is_some() || s.finished {
-            return;
+            return 0;
         }
         let items = make(&s.frames);
-        if items.is_empty() {
-            return;
+        let n = items.len();
+        if n == 0 {
+            return 0;
+        }
+        if s.frames.len() + n > self.capacity {
+            s.frames = VecDeque::new();
+            s.close = Some(Close::Frame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() });
+            drop(s);
+            self.wake.notify_one();
+            return 0;
         }
         for item in items.into_iter().rev() {
             s.frames.push_front(item);
         }
         drop(s);
         self.wake.notify_one();
+        n
     }
 
     /// Queues a control frame (ping or pong). Not counted against the

@@ -43,6 +43,8 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// `?since=` replays (see `recovery`).
+    pub recoveries: crate::recovery::Recoveries,
     /// Redis for recovery reads, connected on first use (reconnects itself).
     redis: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
 }
@@ -70,6 +72,7 @@ impl Gateway {
             open_sockets: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            recoveries: crate::recovery::Recoveries::new(config.max_recoveries, config.max_replay),
             redis: tokio::sync::OnceCell::new(),
             config,
         })
@@ -85,7 +88,12 @@ impl Gateway {
             .redis
             .get_or_try_init(|| async {
                 let client = redis::Client::open(self.config.redis_url.as_str())?;
-                redis::aio::ConnectionManager::new(client).await
+                // The response timeout matches the recovery read's, so a
+                // slow Redis is reported as a timeout, not a 500 ms error.
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(crate::recovery::READ_TIMEOUT))
+                    .set_connection_timeout(Some(crate::recovery::READ_TIMEOUT));
+                redis::aio::ConnectionManager::new_with_config(client, config).await
             })
             .await?;
         Ok(conn.clone())
