@@ -108,9 +108,8 @@ async fn a_since_0_storm_is_bounded_shared_and_leaves_others_alone() {
         })
     };
     let node_ref = &node;
-    let storm = futures_util::future::join_all(
-        (0..DEVICES).map(|_| async { replay(node_ref, &storm_user, "0", page).await }),
-    );
+    let storm =
+        futures_util::future::join_all((0..DEVICES).map(|_| async { replay(node_ref, &storm_user, "0", page).await }));
     let bystander = async {
         tokio::time::sleep(Duration::from_millis(20)).await;
         replay(node_ref, &other, "0", 3).await
