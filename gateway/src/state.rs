@@ -72,7 +72,10 @@ impl Gateway {
             open_sockets: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            recoveries: crate::recovery::Recoveries::new(config.max_recoveries, config.max_replay),
+            recoveries: crate::recovery::Recoveries::new(
+                config.max_recoveries,
+                config.max_replay.min(config.send_queue),
+            ),
             redis: tokio::sync::OnceCell::new(),
             config,
         })
