@@ -94,6 +94,12 @@ pub struct Config {
     #[arg(long, env = "BACKEND_MAX_IN_FLIGHT", default_value_t = 512, global = true)]
     pub max_in_flight: usize,
 
+    /// Throttle failed logins per client address too (per account is
+    /// always on). Turn off when all clients reach the backend through one
+    /// proxy address.
+    #[arg(long, env = "LOGIN_THROTTLE_PER_ADDRESS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub login_throttle_per_address: bool,
+
     /// How long shutdown waits for requests in flight.
     #[arg(long, env = "BACKEND_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,

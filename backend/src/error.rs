@@ -21,6 +21,9 @@ pub enum ApiError {
     /// The body is over the limit.
     #[error("{0}")]
     TooLarge(String),
+    /// Too many failed logins; retry after this many seconds.
+    #[error("{0}")]
+    TooManyRequests(String, u64),
     /// A service we depend on is down or overloaded; retry later.
     #[error("service unavailable: {0}")]
     Unavailable(String),
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::TooManyRequests(..) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -75,6 +79,9 @@ impl IntoResponse for ApiError {
         let mut resp = status.into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert("retry-after", RETRY_AFTER_SECS.into());
+        }
+        if let ApiError::TooManyRequests(_, secs) = &self {
+            resp.headers_mut().insert("retry-after", (*secs).into());
         }
         resp.extensions_mut().insert(ErrorInfo { message, code });
         resp

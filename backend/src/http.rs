@@ -15,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::de::DeserializeOwned;
+use tower::ServiceExt;
 
 use crate::error::{ApiError, ErrorInfo};
 use crate::state::Backend;
@@ -138,10 +139,10 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.header_read_timeout);
-    let service = hyper_util::service::TowerToHyperService::new(app);
+    let service = app.into_service::<hyper::body::Incoming>();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -161,7 +162,12 @@ pub async fn serve(
             });
             continue;
         };
-        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+        let service = service.clone().map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ClientAddr(Some(peer.ip())));
+            req
+        });
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
@@ -181,6 +187,18 @@ async fn overloaded(e: tower::BoxError) -> ApiError {
         ApiError::Unavailable("too many requests in flight".into())
     } else {
         ApiError::Internal(anyhow::anyhow!("request layer: {e}"))
+    }
+}
+
+/// The client's address (the TCP peer; `None` where there is none).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<ClientAddr, Self::Rejection> {
+        Ok(parts.extensions.get::<ClientAddr>().copied().unwrap_or(ClientAddr(None)))
     }
 }
 

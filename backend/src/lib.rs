@@ -12,6 +12,7 @@
 //! - [`broker`]: the workers' RabbitMQ link (cluster nodes, publish).
 //! - [`db`]: PostgreSQL pool, database creation, migrations.
 //! - [`password`]: argon2id hashes.
+//! - [`throttle`]: failed-login throttling per account and per address.
 //! - [`validate`]: input checks and their limits.
 //! - [`error`]: the API's errors and their HTTP answers.
 //! - [`metrics`]: Prometheus names and handles.
@@ -32,6 +33,7 @@ pub mod password;
 pub mod posts;
 pub mod server;
 pub mod state;
+pub mod throttle;
 pub mod users;
 pub mod validate;
 

@@ -13,6 +13,7 @@ use crate::db;
 use crate::feed::FeedCache;
 use crate::metrics::Metrics;
 use crate::password::Passwords;
+use crate::throttle::LoginThrottle;
 
 pub struct Backend {
     pub config: Config,
@@ -29,6 +30,8 @@ pub struct Backend {
     pub outbox_wake: Arc<Notify>,
     pub metrics: Metrics,
     pub passwords: Passwords,
+    /// Failed logins per account and per address.
+    pub logins: LoginThrottle,
 }
 
 impl Backend {
@@ -48,6 +51,7 @@ impl Backend {
             feed: FeedCache { redis },
             metrics: Metrics::new(),
             passwords: Passwords::new(argon2_params),
+            logins: LoginThrottle::new(config.login_throttle_per_address),
             db,
             config,
         }))

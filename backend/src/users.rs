@@ -4,7 +4,7 @@ use axum::extract::State;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
-use crate::http::{AppState, Caller, Json, Path, Query};
+use crate::http::{AppState, Caller, ClientAddr, Json, Path, Query};
 use crate::validate::{self, MAX_BIOGRAPHY_CHARS, MAX_CITY_CHARS, MAX_NAME_CHARS};
 
 /// Most users one search returns.
@@ -86,21 +86,41 @@ pub async fn register(
     Ok(Json(serde_json::json!({ "user_id": id })))
 }
 
+/// `POST /login`. Throttled before any hash is computed (see
+/// [`crate::throttle`]). An unknown user is 404, as the OTUS API has it:
+/// that tells whether an id exists (see the README on enumeration).
 pub async fn login(
     State(backend): State<AppState>,
+    ClientAddr(addr): ClientAddr,
     Json(req): Json<LoginRequest>,
 ) -> ApiResult<Json<serde_json::Value>> {
     validate::id("id", &req.id)?;
     validate::password(&req.password)?;
-    let row = backend
-        .db
-        .get()
-        .await?
-        .query_opt("SELECT password_hash FROM users WHERE id = $1", &[&req.id])
-        .await?
-        .ok_or_else(|| ApiError::not_found("user"))?;
-    if !backend.passwords.verify(req.password, row.get(0)).await? {
-        return Err(ApiError::bad("wrong password"));
+    if let Err(wait) = backend.logins.begin(&req.id, addr) {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        return Err(ApiError::TooManyRequests(format!("too many failed logins, retry in {secs} s"), secs));
+    }
+    // Counted as a failure unless it succeeds (or errs on our side).
+    let checked = async {
+        let row =
+            backend.db.get().await?.query_opt("SELECT password_hash FROM users WHERE id = $1", &[&req.id]).await?;
+        let Some(row) = row else {
+            backend.logins.unknown_user(&req.id);
+            return Err(ApiError::not_found("user"));
+        };
+        if !backend.passwords.verify(req.password, row.get(0)).await? {
+            return Err(ApiError::bad("wrong password"));
+        }
+        Ok(())
+    };
+    match checked.await {
+        Ok(()) => backend.logins.succeeded(&req.id, addr),
+        Err(e @ (ApiError::NotFound(_) | ApiError::BadRequest(_))) => return Err(e),
+        Err(e) => {
+            // Our failure, not the client's guess.
+            backend.logins.succeeded(&req.id, addr);
+            return Err(e);
+        }
     }
     let token = backend.tokens.issue(&req.id, backend.config.token_ttl);
     Ok(Json(serde_json::json!({ "token": token })))

@@ -227,6 +227,28 @@ impl Client {
         Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
     }
 
+    /// A POST with a JSON body from a given loopback source address (a
+    /// client on another host, as far as the backend can tell).
+    pub async fn post_from(&self, source: std::net::IpAddr, path: &str, body: &str) -> Resp {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let stream = socket.connect(self.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", "backend")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    }
+
     /// Like [`Client::call`], but `None` when there is no answer (refused,
     /// reset, or none within 10 s): for a server that may be killed.
     pub async fn try_call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Option<Resp> {
