@@ -86,6 +86,27 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_RECOVERIES", default_value_t = 8)]
     pub max_recoveries: usize,
 
+    /// Connections that have not finished their upgrade (or HTTP request)
+    /// this node holds at once; more get 503 at once. Far below
+    /// `max_connections`, so sockets that never authenticate cannot keep
+    /// devices out.
+    #[arg(long, env = "GATEWAY_MAX_UNAUTHENTICATED", default_value_t = 1024)]
+    pub max_unauthenticated: usize,
+
+    /// A connection must finish its upgrade (or HTTP exchange) within this.
+    #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Sockets one source address may hold (0: no limit). Off by default:
+    /// NAT and load generators put many honest clients behind one address.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Frames a device may send per second (pings, pongs, anything); more
+    /// closes it with 1008. Browsers send a ping a minute or so.
+    #[arg(long, env = "GATEWAY_MAX_CLIENT_FRAMES_PER_SEC", default_value_t = 50)]
+    pub max_client_frames_per_sec: u32,
+
     /// Longest token lifetime (`exp - iat`) accepted; longer ones get 401.
     #[arg(long, env = "GATEWAY_MAX_TOKEN_LIFETIME", default_value = "7d", value_parser = humantime::parse_duration)]
     pub max_token_lifetime: Duration,
@@ -142,6 +163,15 @@ impl Config {
         }
         if self.max_replay == 0 {
             return Err("GATEWAY_MAX_REPLAY must be at least 1".into());
+        }
+        if self.max_unauthenticated == 0 {
+            return Err("GATEWAY_MAX_UNAUTHENTICATED must be at least 1".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("GATEWAY_HANDSHAKE_TIMEOUT must be positive".into());
+        }
+        if self.max_client_frames_per_sec == 0 {
+            return Err("GATEWAY_MAX_CLIENT_FRAMES_PER_SEC must be at least 1".into());
         }
         if self.max_recoveries == 0 {
             return Err("GATEWAY_MAX_RECOVERIES must be at least 1".into());

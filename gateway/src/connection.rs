@@ -92,11 +92,17 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
     let mut writer = tokio::spawn(write_loop(gw.clone(), wr, device.clone()));
 
     let mut reader = FrameReader::new(gw.config.max_client_frame);
+    let mut rate = FrameRate::new(gw.config.max_client_frames_per_sec);
     let writer_done = loop {
         tokio::select! {
             // `FrameReader::next` is cancel-safe, so it may lose this race.
             r = reader.next(&mut rd) => {
                 device.missed_pings.store(0, Ordering::Relaxed);
+                if r.is_ok() && !rate.allow() {
+                    gw.metrics.rate_limited_closes.increment(1);
+                    device.outbox.close(Close::Frame { code: CloseCode::Policy, reason: "too many client frames".into() });
+                    break false;
+                }
                 match r {
                     Ok(ClientFrame::Ping(payload)) => device.outbox.push_control(frame::encode(frame::OP_PONG, &payload)),
                     Ok(ClientFrame::Pong | ClientFrame::Data { .. }) => {}
@@ -167,6 +173,32 @@ async fn recover(gw: &Gateway, device: &Device, since: &str) {
             tracing::warn!("{e}");
             device.outbox.close_discarding(Close::Frame { code: CloseCode::Internal, reason: e.to_string() });
         }
+    }
+}
+
+/// Client frames per one-second window. A fixed window (two counters, no
+/// allocation) is enough: it only has to stop a client that floods, and a
+/// flood is far above the limit in every window.
+struct FrameRate {
+    limit: u32,
+    window_start: tokio::time::Instant,
+    count: u32,
+}
+
+impl FrameRate {
+    fn new(limit: u32) -> FrameRate {
+        FrameRate { limit, window_start: tokio::time::Instant::now(), count: 0 }
+    }
+
+    /// Counts a frame; false once the window's limit is passed.
+    fn allow(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= self.limit
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`config`]: settings (flags and environment), validated at start.
 //! - [`server`]: accept loop, node lifecycle, graceful shutdown.
 //! - [`http`]: the HTTP routes, authentication before upgrade.
+//! - [`admission`]: limits on sockets before they authenticate, per address.
 //! - [`connection`]: one device: reader in its task, writer in another.
 //! - [`frame`]: lean server-side WebSocket framing.
 //! - [`close`]: the close codes the gateway sends and those a client may.
@@ -20,6 +21,7 @@
 //! - [`metrics`]: Prometheus names and handles.
 //! - [`state`]: what the parts share.
 
+pub mod admission;
 pub mod broker;
 pub mod close;
 pub mod config;

@@ -22,6 +22,8 @@ pub const CLOSE_GOING_AWAY: crate::close::CloseCode = crate::close::CloseCode::G
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (EMFILE and friends) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Answer to a connection beyond `max_connections_per_ip`.
+const OVER_ADDRESS_LIMIT: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: 45\r\nconnection: close\r\n\r\n{\"message\":\"too many connections from here\"}";
 /// Answer to a connection beyond `max_connections`, written without waiting.
 const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: 39\r\nconnection: close\r\n\r\n{\"message\":\"node at connection limit\"}";
 
@@ -42,7 +44,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => accept(&gw, stream),
+                Ok((stream, peer)) => accept(&gw, stream, peer.ip()),
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -74,8 +76,18 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
     Ok(())
 }
 
-fn accept(gw: &Arc<Gateway>, stream: TcpStream) {
-    let Some(guard) = SocketGuard::try_new(gw) else {
+fn accept(gw: &Arc<Gateway>, stream: TcpStream, ip: std::net::IpAddr) {
+    let Ok(addr) = crate::admission::AddressGuard::try_new(gw, ip) else {
+        gw.metrics.opened_over_address_limit.increment(1);
+        let _ = stream.try_write(OVER_ADDRESS_LIMIT);
+        return;
+    };
+    let Some(pending) = crate::admission::PendingGuard::try_new(gw) else {
+        gw.metrics.opened_over_unauthenticated_limit.increment(1);
+        let _ = stream.try_write(OVER_CAPACITY);
+        return;
+    };
+    let Some(guard) = SocketGuard::try_new(gw, addr) else {
         gw.metrics.opened_over_capacity.increment(1);
         let _ = stream.try_write(OVER_CAPACITY);
         return;
@@ -93,8 +105,14 @@ fn accept(gw: &Arc<Gateway>, stream: TcpStream) {
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);
+        // Pending until hyper hands the upgraded socket over (the
+        // connection future ends then) or the deadline ends it.
+        let _pending = pending;
         tokio::select! {
             r = conn.as_mut() => { if let Err(e) = r { tracing::debug!("http connection: {e}"); } }
+            _ = tokio::time::sleep(gw.config.handshake_timeout) => {
+                gw.metrics.handshake_timeouts.increment(1);
+            }
             _ = gw.shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;

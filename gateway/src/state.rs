@@ -39,6 +39,10 @@ pub struct Gateway {
     pub stop_consuming: CancellationToken,
     /// Sockets open now (HTTP and WebSocket), against `max_connections`.
     pub open_sockets: AtomicUsize,
+    /// Sockets that have not upgraded yet, against `max_unauthenticated`.
+    pub pending_sockets: AtomicUsize,
+    /// Sockets per source address, against `max_connections_per_ip`.
+    pub per_address: crate::admission::PerAddress,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -70,6 +74,8 @@ impl Gateway {
             membership_ready: AtomicBool::new(false),
             stop_consuming: CancellationToken::new(),
             open_sockets: AtomicUsize::new(0),
+            pending_sockets: AtomicUsize::new(0),
+            per_address: Default::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             recoveries: crate::recovery::Recoveries::new(
@@ -123,16 +129,17 @@ impl Gateway {
 
 /// Counts one open socket while alive; clones share the one count, so an
 /// upgraded WebSocket keeps its socket counted after hyper lets go of it.
-pub struct SocketGuard(Arc<Gateway>);
+/// Holds the socket's place in its address's count too.
+pub struct SocketGuard(Arc<Gateway>, #[allow(dead_code)] Option<crate::admission::AddressGuard>);
 
 impl SocketGuard {
     /// Counts a socket, or refuses it when the node is at capacity.
-    pub fn try_new(gw: &Arc<Gateway>) -> Option<Arc<SocketGuard>> {
+    pub fn try_new(gw: &Arc<Gateway>, addr: Option<crate::admission::AddressGuard>) -> Option<Arc<SocketGuard>> {
         let max = gw.config.max_connections;
         gw.open_sockets
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()
-            .map(|_| Arc::new(SocketGuard(gw.clone())))
+            .map(|_| Arc::new(SocketGuard(gw.clone(), addr)))
     }
 }
 
