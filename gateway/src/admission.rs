@@ -22,13 +22,17 @@ use crate::state::Gateway;
 #[derive(Default)]
 pub struct PerAddress(DashMap<IpAddr, usize>);
 
+/// The source address already holds the most sockets allowed.
+#[derive(Debug)]
+pub struct AddressFull;
+
 /// Counts one socket of an address while alive.
 pub struct AddressGuard(Arc<Gateway>, IpAddr);
 
 impl AddressGuard {
     /// Counts a socket from `ip`, or refuses it when that address holds the
     /// most allowed. `None` limit (0) means no limit and no bookkeeping.
-    pub fn try_new(gw: &Arc<Gateway>, ip: IpAddr) -> Result<Option<AddressGuard>, ()> {
+    pub fn try_new(gw: &Arc<Gateway>, ip: IpAddr) -> Result<Option<AddressGuard>, AddressFull> {
         let max = gw.config.max_connections_per_ip;
         if max == 0 {
             return Ok(None);
@@ -36,7 +40,7 @@ impl AddressGuard {
         match gw.per_address.0.entry(ip) {
             Entry::Occupied(mut e) => {
                 if *e.get() >= max {
-                    return Err(());
+                    return Err(AddressFull);
                 }
                 *e.get_mut() += 1;
             }
