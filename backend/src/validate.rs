@@ -28,19 +28,28 @@ pub fn text(field: &str, value: &str, max: usize) -> ApiResult<()> {
     optional_text(field, value, max)
 }
 
-/// An optional text: at most `max` characters.
+/// An optional text: at most `max` characters, and no control characters
+/// but tab and line breaks. PostgreSQL refuses NUL in text (that was a 500),
+/// and the others are never meant in a name, a post or a message.
 pub fn optional_text(field: &str, value: &str, max: usize) -> ApiResult<()> {
     let n = value.chars().count();
     if n > max {
         return Err(ApiError::bad(format!("{field} is too long: {n} characters, at most {max}")));
     }
+    if let Some(c) = value.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+        return Err(ApiError::bad(format!("{field} must not contain control characters (found U+{:04X})", c as u32)));
+    }
     Ok(())
 }
 
-/// A user or post id from a path or body: 1 to 64 bytes.
+/// A user or post id from a path or body: 1 to 64 bytes of
+/// `[A-Za-z0-9._-]` (SPEC), so nothing else reaches a query or a key.
 pub fn id(field: &str, value: &str) -> ApiResult<()> {
     if value.is_empty() || value.len() > MAX_USER_ID_LEN {
         return Err(ApiError::bad(format!("{field} must be 1 to {MAX_USER_ID_LEN} bytes")));
+    }
+    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        return Err(ApiError::bad(format!("{field} must be made of A-Z, a-z, 0-9, '.', '_' and '-'")));
     }
     Ok(())
 }
@@ -101,5 +110,12 @@ mod tests {
         assert!(text("t", "ёжик", 4).is_ok());
         let e = text("t", "ёжики", 4).unwrap_err().to_string();
         assert!(e.contains("too long"), "{e}");
+        let e = text("name", "a\0b", 10).unwrap_err().to_string();
+        assert!(e.contains("name") && e.contains("U+0000"), "{e}");
+        assert!(text("t", "two\nlines\tand a tab\r\n", 100).is_ok());
+        assert!(id("id", "0190-abc_DEF.x").is_ok());
+        for bad in ["a b", "a\0", "a/b", "é", ""] {
+            assert!(id("id", bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -228,3 +228,86 @@ async fn operational_routes_answer() {
     }
     backend.stop().await;
 }
+
+#[tokio::test]
+async fn nul_and_control_characters_are_400s_naming_the_field() {
+    let backend = TestBackend::start(|_| {}).await;
+    let api = backend.client();
+    let (me, token) = api.user("Nul").await;
+    let reg = json!({"first_name": "A\u{0}B", "second_name": "X", "birthdate": "1990-01-02", "password": "pw"});
+    assert_error(&api.call("POST", "/user/register", None, Some(&reg.to_string())).await, 400, "first_name");
+    let reg =
+        json!({"first_name": "A", "second_name": "X", "birthdate": "1990-01-02", "city": "\u{7}", "password": "pw"});
+    assert_error(&api.call("POST", "/user/register", None, Some(&reg.to_string())).await, 400, "city");
+    let post = json!({"text": "a\u{0}b"}).to_string();
+    assert_error(&api.call("POST", "/post/create", Some(&token), Some(&post)).await, 400, "text");
+    let upd = json!({"id": "x\u{0}", "text": "ok"}).to_string();
+    assert_error(&api.call("PUT", "/post/update", Some(&token), Some(&upd)).await, 400, "id");
+    assert_error(&api.call("GET", "/post/get/a%00b", Some(&token), None).await, 400, "id");
+    assert_error(&api.call("GET", "/user/get/a%00b", Some(&token), None).await, 400, "id");
+    assert_error(&api.call("PUT", "/friend/set/a%00b", Some(&token), None).await, 400, "user_id");
+    assert_error(&api.call("GET", "/user/search?first_name=a%00", Some(&token), None).await, 400, "first_name");
+    let login = json!({"id": format!("{me}\u{0}"), "password": "pa55word"}).to_string();
+    assert_error(&api.call("POST", "/login", None, Some(&login)).await, 400, "id");
+    let (you, _) = api.user("You").await;
+    let msg = json!({"text": "hi\u{0}"}).to_string();
+    assert_error(&api.call("POST", &format!("/dialog/{you}/send"), Some(&token), Some(&msg)).await, 400, "text");
+    // Line breaks and tabs are text.
+    let ok = json!({"text": "two\nlines\tok"}).to_string();
+    assert_eq!(api.call("POST", "/post/create", Some(&token), Some(&ok)).await.status, 200);
+    let m = api.call("GET", "/metrics", None, None).await.body;
+    assert!(!m.contains("status=\"500\""), "no 500s:\n{m}");
+    backend.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_for_a_user_that_does_not_exist_is_401_never_500() {
+    let backend = TestBackend::start(|_| {}).await;
+    let api = backend.client();
+    let (real, _) = api.user("Real").await;
+    let ghost =
+        contract::token::Tokens::new(SECRET.as_bytes()).issue(&unique("ghost"), std::time::Duration::from_secs(60));
+    let post = json!({"text": "boo"}).to_string();
+    assert_error(&api.call("POST", "/post/create", Some(&ghost), Some(&post)).await, 401, "does not exist");
+    assert_error(&api.call("PUT", &format!("/friend/set/{real}"), Some(&ghost), None).await, 401, "does not exist");
+    let msg = json!({"text": "boo"}).to_string();
+    assert_error(
+        &api.call("POST", &format!("/dialog/{real}/send"), Some(&ghost), Some(&msg)).await,
+        401,
+        "does not exist",
+    );
+    // Reads of a ghost's own data are simply empty.
+    assert_eq!(api.call("GET", "/post/feed", Some(&ghost), None).await.status, 200);
+    let m = api.call("GET", "/metrics", None, None).await.body;
+    assert!(!m.contains("status=\"500\""), "no 500s:\n{m}");
+    backend.stop().await;
+}
+
+#[tokio::test]
+async fn made_up_methods_are_one_label_value() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = TestBackend::start(|_| {}).await;
+    let api = backend.client();
+    // Pipelined on one connection, each a method of its own.
+    let mut s = tokio::net::TcpStream::connect(backend.addr).await.unwrap();
+    let mut reqs = String::new();
+    for i in 0..200 {
+        reqs.push_str(&format!("MADEUP{i} /healthz HTTP/1.1\r\nhost: x\r\n\r\n"));
+    }
+    reqs.push_str("GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    s.write_all(reqs.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let answers = String::from_utf8_lossy(&out).matches("HTTP/1.1 ").count();
+    assert_eq!(answers, 201);
+    let m = api.call("GET", "/metrics", None, None).await.body;
+    let methods: std::collections::HashSet<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("backend_http_requests_total{"))
+        .filter_map(|l| l.split("method=\"").nth(1)?.split('"').next())
+        .collect();
+    eprintln!("method labels after 200 made-up methods: {methods:?}");
+    assert!(methods.contains("other"), "{methods:?}");
+    assert!(methods.iter().all(|m| ["GET", "POST", "PUT", "other"].contains(m)), "{methods:?}");
+    backend.stop().await;
+}
