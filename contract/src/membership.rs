@@ -10,6 +10,17 @@
 //! later), where a vanished field could not be told from a Redis restart.
 //! Every process reads the whole hash with one `HGETALL` and builds the
 //! ring with [`crate::ring::Ring::new`].
+//!
+//! Each record carries the node's `incarnation` (unix microseconds when
+//! that process, or its rejoin, began): a node restarted under the same id
+//! is a new incarnation, with a queue of its own
+//! ([`crate::topology::node_queue`]). Gateways that drop a member whose
+//! heartbeat stopped record it in a second hash, [`evicted_key`]: field =
+//! node id, value = the newest incarnation dropped. Every gateway drops an
+//! evicted incarnation at once, and a node that finds its own incarnation
+//! there (it was hung or cut off) closes its devices and rejoins as a new
+//! one. Publishers need not read it: an evicted node stops beating, and
+//! routing by slot reaches whoever binds the slot.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -41,6 +52,9 @@ pub const FIELD_CLEANUP_AGE: Duration = Duration::from_secs(7);
 pub struct Record {
     pub url: String,
     pub heartbeat_ms: u64,
+    /// Which life of the node this is (0 from writers that predate it).
+    #[serde(default)]
+    pub incarnation: u64,
     /// Written once by a node that stops cleanly.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub left: bool,
@@ -49,12 +63,17 @@ pub struct Record {
 impl Record {
     /// The heartbeat of a live node.
     pub fn alive(url: &str, now_ms: u64) -> Record {
-        Record { url: url.into(), heartbeat_ms: now_ms, left: false }
+        Record { url: url.into(), heartbeat_ms: now_ms, incarnation: 0, left: false }
+    }
+
+    /// The same record, for the given incarnation.
+    pub fn of_incarnation(self, incarnation: u64) -> Record {
+        Record { incarnation, ..self }
     }
 
     /// The tombstone of a node that stops cleanly now.
     pub fn leaving(url: &str, now_ms: u64) -> Record {
-        Record { url: url.into(), heartbeat_ms: now_ms, left: true }
+        Record { url: url.into(), heartbeat_ms: now_ms, incarnation: 0, left: true }
     }
 
     /// The heartbeat staleness is judged by. A node that left counts as
@@ -95,6 +114,11 @@ pub fn stale_fields(fields: &HashMap<String, String>, now_ms: u64, timeout: Dura
 pub async fn fetch(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> redis::RedisResult<Vec<Member>> {
     let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(key).query_async(conn).await?;
     Ok(live_members(&fields, now_ms(), HEARTBEAT_TIMEOUT + PUBLISHER_GRACE))
+}
+
+/// The hash of evicted incarnations that goes with the members hash `key`.
+pub fn evicted_key(key: &str) -> String {
+    format!("{key}:evicted")
 }
 
 pub fn now_ms() -> u64 {

@@ -29,9 +29,12 @@ pub const NODE_QUEUE_EXPIRES: Duration = Duration::from_secs(60);
 /// recover them from the feed cache with `?since=`.
 pub const NODE_QUEUE_MESSAGE_TTL: Duration = Duration::from_secs(60);
 
-/// The queue of one gateway node.
-pub fn node_queue(node_id: &str) -> String {
-    format!("gateway.{node_id}")
+/// The queue of one incarnation of a gateway node. A node restarted under
+/// the same id (or one that rejoins after it was dropped from the ring) is
+/// a new incarnation with a queue of its own, so that survivors taking
+/// over the old one never touch the new one.
+pub fn node_queue(node_id: &str, incarnation: u64) -> String {
+    format!("gateway.{node_id}.{incarnation}")
 }
 
 /// Declares `feed.events` with its alternate exchange, and the unroutable
@@ -58,14 +61,15 @@ pub async fn declare_exchanges(ch: &Channel) -> lapin::Result<()> {
 }
 
 /// Declares a node's queue: durable and not exclusive, so it survives a
-/// connection blip, with an expiry and a message TTL, so a dead node's
+/// connection blip and (with persistent messages, see [`publish_group`]) a
+/// broker restart, with an expiry and a message TTL, so a dead node's
 /// queue goes away.
-pub async fn declare_node_queue(ch: &Channel, node_id: &str) -> lapin::Result<()> {
+pub async fn declare_node_queue(ch: &Channel, node_id: &str, incarnation: u64) -> lapin::Result<()> {
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongLongInt(NODE_QUEUE_EXPIRES.as_millis() as i64));
     args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(NODE_QUEUE_MESSAGE_TTL.as_millis() as i64));
     ch.queue_declare(
-        node_queue(node_id).as_str().into(),
+        node_queue(node_id, incarnation).as_str().into(),
         QueueDeclareOptions { durable: true, ..Default::default() },
         args,
     )
@@ -78,7 +82,9 @@ pub async fn declare_node_queue(ch: &Channel, node_id: &str) -> lapin::Result<()
 /// routing key is the first recipient's slot, which the owner binds.
 /// `x-published-at` is set to now unless `headers` already carry it (a
 /// re-publish keeps the original time). Returns the confirm to await on a
-/// confirm channel.
+/// confirm channel. Messages are persistent (delivery mode 2): what sits in
+/// a gateway's durable queue when the broker restarts is still there after
+/// it, and a confirm means the broker has it on disk (or delivered it).
 pub async fn publish_group(
     ch: &Channel,
     recipients: &[&str],
@@ -94,10 +100,16 @@ pub async fn publish_group(
         routing_key(slot_of(first)).as_str().into(),
         BasicPublishOptions::default(),
         body,
-        BasicProperties::default().with_headers(headers).with_content_type("application/json".into()),
+        BasicProperties::default()
+            .with_headers(headers)
+            .with_content_type("application/json".into())
+            .with_delivery_mode(PERSISTENT),
     )
     .await
 }
+
+/// AMQP delivery mode of a message the broker writes to disk.
+pub const PERSISTENT: u8 = 2;
 
 /// Reads an integer AMQP header of any integer type.
 pub fn header_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {

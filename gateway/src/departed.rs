@@ -1,5 +1,7 @@
-//! Taking over the queue of a node that left the ring (died, or was seen
-//! as stale).
+//! Taking over the queue of a node incarnation that left the ring (died,
+//! stopped, was dropped as silent, or restarted as a new incarnation).
+//! Queues are per incarnation (`gateway.<id>.<incarnation>`), so a take-over
+//! never touches the queue of a live process.
 //!
 //! Survivors drop a dead node at slightly different moments (each polls
 //! the membership on its own), and publishers keep it a little longer
@@ -25,12 +27,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use contract::membership::{HEARTBEAT_INTERVAL, PUBLISHER_GRACE};
-use contract::topology::node_queue;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
 
-use crate::broker::{self, Source, dispatch, republish};
+use crate::dispatch::{confirmed, dispatch, republish};
+use crate::routing::Source;
 use crate::state::Gateway;
+use crate::{bindings, broker};
 
 /// Wait before draining: the publishers' grace plus two membership polls,
 /// by which time every survivor has dropped the dead node (each decides
@@ -54,11 +57,15 @@ pub struct Departed {
 
 impl Departed {
     /// Opens the channels the take-over uses.
-    pub async fn open(conn: &Connection, gone: &str) -> lapin::Result<Departed> {
+    pub async fn open(conn: &Connection, queue: String) -> lapin::Result<Departed> {
         let ch = conn.create_channel().await?;
         let pub_ch = conn.create_channel().await?;
         pub_ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Departed { queue: node_queue(gone), ch, pub_ch })
+        Ok(Departed { queue, ch, pub_ch })
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
     }
 
     /// Unbinds the departed queue from a slot this node has just bound:
@@ -66,7 +73,7 @@ impl Departed {
     /// right after each bind, so that a message reaches both queues (and
     /// is later delivered twice) only for one round trip per slot.
     pub async fn unbind(&self, slot: u16) {
-        if let Err(e) = broker::unbind(&self.ch, &self.queue, slot).await {
+        if let Err(e) = bindings::unbind(&self.ch, &self.queue, slot).await {
             // The queue is gone: another survivor drained and deleted it.
             tracing::debug!(queue = self.queue, "departed queue not unbound: {e}");
         }
@@ -95,12 +102,14 @@ impl Departed {
 async fn drain(gw: &Gateway, ch: &Channel, pub_ch: &Channel, queue: &str) -> anyhow::Result<usize> {
     let mut n = 0;
     while n < MAX_DRAINED {
+        // Delivering is what the lease guards (see `membership`).
+        broker::lease_held(gw).await?;
         let Some(msg) = ch.basic_get(queue.into(), BasicGetOptions::default()).await? else { break };
         let delivery = msg.delivery;
         match dispatch(gw, &delivery, Source::Departed) {
             Some(users) => {
                 if !users.is_empty() {
-                    republish(gw, pub_ch, &delivery, &users, Source::Departed).await?;
+                    confirmed(republish(gw, pub_ch, &delivery, &users, Source::Departed).await?).await?;
                 }
                 delivery.ack(BasicAckOptions::default()).await?;
             }

@@ -11,10 +11,16 @@
 //! - [`close`]: the close codes the gateway sends and those a client may.
 //! - [`outbox`]: a device's bounded send queue.
 //! - [`sessions`]: user id to live devices (DashMap), delivery.
-//! - [`broker`]: RabbitMQ consumer, slot bindings, reconcile on ring
-//!   changes (make before break), one-hop re-publish of stale routing.
-//! - [`departed`]: survivors drain a dead node's queue, then delete it.
-//! - [`membership`]: Redis heartbeats and the live member list.
+//! - [`broker`]: the RabbitMQ connection: connect, declare, consume, ack;
+//!   fences the node when its queue was lost.
+//! - [`bindings`]: a queue's slot bindings.
+//! - [`rebalance`]: adopting a new view of the ring, make before break,
+//!   with the take-over of departed incarnations' queues.
+//! - [`routing`]: where one recipient goes (here, re-publish, misrouted).
+//! - [`dispatch`]: one message to the sessions; one-hop re-publish.
+//! - [`departed`]: survivors drain a departed queue, then delete it.
+//! - [`membership`]: Redis heartbeats, evidence-based staleness, eviction,
+//!   the delivery lease.
 //! - [`proxy`]: a non-owner relays a device to its owner node.
 //! - [`recovery`]: `?since=` replays, bounded, shared and queued.
 //! - [`keepalive`]: pings, silent-peer and token-expiry sweeps.
@@ -22,11 +28,13 @@
 //! - [`state`]: what the parts share.
 
 pub mod admission;
+pub mod bindings;
 pub mod broker;
 pub mod close;
 pub mod config;
 pub mod connection;
 pub mod departed;
+pub mod dispatch;
 pub mod frame;
 pub mod http;
 pub mod keepalive;
@@ -34,7 +42,9 @@ pub mod membership;
 pub mod metrics;
 pub mod outbox;
 pub mod proxy;
+pub mod rebalance;
 pub mod recovery;
+pub mod routing;
 pub mod server;
 pub mod sessions;
 pub mod state;

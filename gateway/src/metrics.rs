@@ -75,6 +75,11 @@ pub struct Metrics {
     pub misrouted: Counter,
     pub departed_drained: Counter,
     pub moved_closes: Counter,
+    /// Peers this node dropped from the ring (their heartbeat stopped).
+    pub members_evicted: Counter,
+    /// Times this node was fenced: dropped by the others, or its queue lost.
+    pub fenced: Counter,
+    pub fenced_closes: Counter,
     pub recovered: Counter,
     pub recovery_reads: Counter,
     pub opened_over_address_limit: Counter,
@@ -119,6 +124,9 @@ impl Metrics {
             misrouted: counter!("gateway_misrouted_recipients_total"),
             departed_drained: counter!("gateway_departed_drained_messages_total"),
             moved_closes: counter!("gateway_connections_closed_total", "reason" => "moved"),
+            members_evicted: counter!("gateway_members_evicted_total"),
+            fenced: counter!("gateway_fenced_total"),
+            fenced_closes: counter!("gateway_connections_closed_total", "reason" => "fenced"),
             recovered: counter!("gateway_recovered_events_total"),
             recovery_reads: counter!("gateway_recovery_reads_total"),
             opened_over_address_limit: opened("over_address_limit"),

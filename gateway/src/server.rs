@@ -16,8 +16,7 @@ use crate::outbox::Close;
 use crate::state::{Gateway, SocketGuard};
 use crate::{broker, http, keepalive, membership};
 
-/// Close code sent to every device when the node shuts down.
-pub const CLOSE_GOING_AWAY: crate::close::CloseCode = crate::close::CloseCode::GoingAway;
+pub use crate::state::CLOSE_GOING_AWAY;
 /// A client must finish its HTTP request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (EMFILE and friends) before trying again.
@@ -36,9 +35,12 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
 /// Like [`run`], for callers that keep a handle on the node (tests).
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     tracing::info!(node = gw.config.node_id(), addr = %listener.local_addr()?, "gateway listening");
-    let membership = tokio::spawn(membership::run(gw.clone()));
-    let broker = tokio::spawn(broker::run(gw.clone()));
-    let keepalive = tokio::spawn(keepalive::run(gw.clone()));
+    // A part that ends before it was told to, or panics, fails the node:
+    // it stops and the process exits non-zero (a supervisor restarts it)
+    // rather than running half-alive.
+    let membership = supervise(&gw, "membership", |gw| gw.shutdown.is_cancelled(), membership::run(gw.clone()));
+    let broker = supervise(&gw, "broker", |gw| gw.stop_consuming.is_cancelled(), broker::run(gw.clone()));
+    let keepalive = supervise(&gw, "keepalive", |gw| gw.shutdown.is_cancelled(), keepalive::run(gw.clone()));
 
     tokio::pin!(shutdown);
     loop {
@@ -51,21 +53,26 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
                 }
             },
             _ = &mut shutdown => break,
+            _ = gw.failed.cancelled() => break,
         }
     }
 
+    // Phases, each with a deadline, so a stop ends well inside the
+    // supervisor's grace even when Redis or the broker do not answer.
     tracing::info!("shutting down: closing {} devices", gw.sessions.device_count());
-    drop(listener);
     gw.shutdown.cancel(); // Leaves the ring; stops the keepalive.
-    let _ = membership.await;
-    let _ = keepalive.await;
+    phase("leaving the ring", membership).await;
+    phase("stopping the keepalive", keepalive).await;
     // The tombstone is written: the others bind this node's slots within a
     // poll and take over its queue, delivering what reaches it from now on
     // (`departed`). So consuming stops now, before the devices go: a
     // device must not get, from here, an event newer than one that the
     // new owner delivers (its `since` would skip the older one).
     gw.stop_consuming.cancel();
-    let _ = broker.await;
+    phase("leaving the broker", broker).await;
+    // The listener closes only now: until the tombstone is out, a refused
+    // connect would tell the others this node died (see `membership`).
+    drop(listener);
     gw.sessions.for_each_device(|d| {
         d.outbox.close(Close::Frame { code: CLOSE_GOING_AWAY, reason: "node shutting down".into() })
     });
@@ -73,7 +80,38 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
     if tokio::time::timeout(gw.config.shutdown_grace, gw.tasks.wait()).await.is_err() {
         tracing::warn!("grace period over with {} devices still open", gw.sessions.device_count());
     }
-    Ok(())
+    match gw.failure() {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
+}
+
+/// Longest wait for one shutdown phase (leaving the ring, the broker).
+const PHASE_DEADLINE: Duration = Duration::from_secs(3);
+
+async fn phase(what: &str, task: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(PHASE_DEADLINE, task).await.is_err() {
+        tracing::warn!("shutdown: {what} took longer than {PHASE_DEADLINE:?}; going on");
+    }
+}
+
+/// Runs `task`; if it ends while `expected` says it should not, or panics,
+/// the node fails.
+fn supervise(
+    gw: &Arc<Gateway>,
+    name: &'static str,
+    expected: fn(&Gateway) -> bool,
+    task: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let gw = gw.clone();
+    let task = tokio::spawn(task);
+    tokio::spawn(async move {
+        match task.await {
+            Ok(()) if expected(&gw) => {}
+            Ok(()) => gw.fail(format!("the {name} task ended on its own")),
+            Err(e) => gw.fail(format!("the {name} task failed: {e}")),
+        }
+    })
 }
 
 fn accept(gw: &Arc<Gateway>, stream: TcpStream, ip: std::net::IpAddr) {

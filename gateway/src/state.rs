@@ -2,7 +2,7 @@
 //! metrics, readiness and the shutdown signal.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use contract::ring::{Member, Ring};
 use contract::token::Tokens;
@@ -12,8 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::membership::View;
 use crate::metrics::{self, Metrics};
+use crate::outbox::Close;
 use crate::sessions::Sessions;
+
+/// Close code for devices of a node that shuts down or was fenced: they
+/// reconnect (with `since`) and land on the current owners.
+pub const CLOSE_GOING_AWAY: crate::close::CloseCode = crate::close::CloseCode::GoingAway;
 
 pub struct Gateway {
     pub config: Config,
@@ -25,8 +31,17 @@ pub struct Gateway {
     /// replaces it, after binding the new slots (make before break).
     /// Readers clone the `Arc` and let go of the lock at once.
     pub ring: RwLock<Arc<Ring>>,
-    /// The ring membership asks for; `None` until membership was read once.
-    pub wanted_ring: tokio::sync::watch::Sender<Option<Arc<Ring>>>,
+    /// The view membership asks for; `None` until membership was read once.
+    pub wanted: tokio::sync::watch::Sender<Option<View>>,
+    /// This node's current incarnation (see `membership`); replaced when
+    /// the node is fenced.
+    incarnation: tokio::sync::watch::Sender<u64>,
+    /// How long this node may go on delivering (see `membership::LEASE`).
+    pub lease: Lease,
+    /// Cancelled when a part of the node failed for good: it stops, and
+    /// the process exits non-zero so that a supervisor restarts it.
+    pub failed: CancellationToken,
+    failure: parking_lot::Mutex<Option<String>>,
     /// True while the broker consumer is up (for `/readyz`).
     pub broker_ready: AtomicBool,
     /// Set once the broker has bound this node's slots: from then on the
@@ -68,7 +83,11 @@ impl Gateway {
             prometheus,
             metrics,
             ring: RwLock::new(Arc::new(ring)),
-            wanted_ring: tokio::sync::watch::channel(None).0,
+            wanted: tokio::sync::watch::channel(None).0,
+            incarnation: tokio::sync::watch::channel(contract::event::now_micros()).0,
+            lease: Lease::new(),
+            failed: CancellationToken::new(),
+            failure: parking_lot::Mutex::new(None),
             broker_ready: AtomicBool::new(false),
             joined: AtomicBool::new(false),
             membership_ready: AtomicBool::new(false),
@@ -89,6 +108,58 @@ impl Gateway {
 
     pub fn ring(&self) -> Arc<Ring> {
         self.ring.read().clone()
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        *self.incarnation.borrow()
+    }
+
+    /// Watches this node's incarnation.
+    pub fn incarnations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.incarnation.subscribe()
+    }
+
+    /// The node can no longer vouch for what its devices got: the others
+    /// dropped it from the ring (it was silent: hung, cut off, overloaded)
+    /// or its queue was lost. It stops delivering, leaves its own view of
+    /// the ring (so reconnecting devices are proxied to the current
+    /// owners), closes every device with 1001 so that it recovers with
+    /// `since`, and becomes a new incarnation, which joins again like a new
+    /// node (bind, then announce). Its old queue is taken over as a
+    /// predecessor's.
+    pub fn fence(&self, why: &str) {
+        self.lease.expire();
+        self.joined.store(false, Ordering::Relaxed);
+        self.broker_ready.store(false, Ordering::Relaxed);
+        let me = self.config.node_id();
+        let ring = self.ring();
+        let others: Vec<Member> = ring.members().iter().filter(|m| m.node_id != me).cloned().collect();
+        if !others.is_empty() {
+            *self.ring.write() = Arc::new(Ring::new(others));
+        }
+        let closed = self.sessions.close_where(
+            |_| true,
+            Close::Frame { code: CLOSE_GOING_AWAY, reason: "node rejoining the ring, reconnect".into() },
+        );
+        let old = self.incarnation();
+        let new = contract::event::now_micros().max(old + 1);
+        self.incarnation.send_replace(new);
+        self.metrics.fenced.increment(1);
+        self.metrics.fenced_closes.increment(closed as u64);
+        tracing::warn!(old, new, closed, "fenced: {why}; devices closed, rejoining as a new incarnation");
+    }
+
+    /// A part of the node failed for good: the node stops, and the process
+    /// exits non-zero.
+    pub fn fail(&self, why: String) {
+        tracing::error!("{why}");
+        self.failure.lock().get_or_insert(why);
+        self.failed.cancel();
+    }
+
+    /// Why the node failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
     }
 
     /// A Redis connection for recovery reads.
@@ -116,6 +187,7 @@ impl Gateway {
         self.broker_ready.load(Ordering::Relaxed)
             && self.membership_ready.load(Ordering::Relaxed)
             && !self.is_draining()
+            && !self.failed.is_cancelled()
     }
 
     /// The owner of a user's slot under the current ring, and whether it is
@@ -146,5 +218,38 @@ impl SocketGuard {
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         self.0.open_sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Until when this node may deliver, renewed by each successful heartbeat
+/// (see `membership::LEASE`). Monotonic time, as micros since `base`.
+pub struct Lease {
+    base: std::time::Instant,
+    until_us: AtomicU64,
+}
+
+impl Lease {
+    fn new() -> Lease {
+        Lease { base: std::time::Instant::now(), until_us: AtomicU64::new(0) }
+    }
+
+    pub fn renew(&self, until: tokio::time::Instant) {
+        let us = until.into_std().saturating_duration_since(self.base).as_micros() as u64;
+        self.until_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// A fixed ring has nobody to take over: the lease never ends.
+    pub fn forever(&self) {
+        self.until_us.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    pub fn expire(&self) {
+        if self.until_us.load(Ordering::Relaxed) != u64::MAX {
+            self.until_us.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn holds(&self) -> bool {
+        (self.base.elapsed().as_micros() as u64) < self.until_us.load(Ordering::Relaxed)
     }
 }

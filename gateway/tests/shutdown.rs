@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 #[tokio::test]
 async fn shutdown_sends_1001_to_every_device_and_leaves_the_broker() {
     let mut node = Node::start(|_| {}).await;
-    let queue = contract::topology::node_queue(node.gw.config.node_id());
+    let queue = contract::topology::node_queue(node.gw.config.node_id(), node.gw.incarnation());
     let (a, b) = (unique("a"), unique("b"));
     let mut a1 = connect(&node, &a).await;
     let mut a2 = connect(&node, &a).await;

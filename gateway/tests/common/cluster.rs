@@ -35,7 +35,11 @@ pub async fn wait_converged(nodes: &[Node]) {
 /// Waits until RabbitMQ shows every slot bound exactly once among the
 /// nodes' queues, each by its ring owner.
 pub async fn wait_bindings_match(nodes: &[Node], ring: &Ring) {
-    let queues: BTreeSet<String> = nodes.iter().map(|n| node_queue(n.gw.config.node_id())).collect();
+    let queue_of: BTreeMap<String, String> = nodes
+        .iter()
+        .map(|n| (n.gw.config.node_id().to_owned(), node_queue(n.gw.config.node_id(), n.gw.incarnation())))
+        .collect();
+    let queues: BTreeSet<String> = queue_of.values().cloned().collect();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
@@ -45,7 +49,7 @@ pub async fn wait_bindings_match(nodes: &[Node], ring: &Ring) {
             }
         }
         let exact = (0..SLOTS).all(|s| {
-            by_slot.get(&s).is_some_and(|qs| qs.len() == 1 && qs[0] == node_queue(&ring.owner(s).unwrap().node_id))
+            by_slot.get(&s).is_some_and(|qs| qs.len() == 1 && qs[0] == queue_of[&ring.owner(s).unwrap().node_id])
         });
         if exact {
             return;
