@@ -13,9 +13,13 @@
 //!
 //! 1. unbinds the dead queue from the slots it just bound itself, so from
 //!    now on those slots reach only the living;
-//! 2. after [`DRAIN_DELAY`], when every survivor and publisher has moved
-//!    on, consumes what the queue holds and delivers it like a stale-view
-//!    message (own recipients delivered, the rest re-published once);
+//! 2. consumes what the queue holds, from now on and until
+//!    [`DRAIN_DELAY`] has passed (every survivor and publisher has moved
+//!    on), and delivers it like a stale-view message (own recipients
+//!    delivered, the rest re-published once). At once, not after the
+//!    delay: a message held back would reach its device after newer ones,
+//!    and a device that then reconnects asks only for what is newer than
+//!    the newest it has (`since`), so the held one would be lost;
 //! 3. deletes the queue. Every step is idempotent and every survivor does
 //!    them, so the queue goes away even if some survivor fails; a queue
 //!    nobody uses also expires on its own (`NODE_QUEUE_EXPIRES`).
@@ -40,6 +44,10 @@ use crate::{bindings, broker};
 /// within one poll of the others) and bound its share of the slots.
 pub const DRAIN_DELAY: Duration =
     Duration::from_millis(PUBLISHER_GRACE.as_millis() as u64 + 2 * HEARTBEAT_INTERVAL.as_millis() as u64);
+
+/// How often a departed queue found empty is looked at again until the
+/// drain delay is over.
+const DRAIN_POLL: Duration = Duration::from_millis(25);
 
 /// Most messages drained from one dead queue. The queue's message TTL
 /// bounds it anyway; this keeps a runaway publisher from holding a
@@ -79,16 +87,29 @@ impl Departed {
         }
     }
 
-    /// Drains and deletes the queue after [`DRAIN_DELAY`], in the background.
+    /// Drains the queue from now until [`DRAIN_DELAY`] has passed, then
+    /// deletes it, in the background.
     pub fn drain_later(self, gw: Arc<Gateway>) {
         gw.clone().tasks.spawn(async move {
             let Departed { queue, ch, pub_ch } = self;
-            tokio::select! {
-                _ = tokio::time::sleep(DRAIN_DELAY) => {}
-                _ = gw.stop_consuming.cancelled() => return,
-            }
-            match drain(&gw, &ch, &pub_ch, &queue).await {
-                Ok(n) => tracing::info!(queue, drained = n, "took over a departed node's queue"),
+            let until = tokio::time::Instant::now() + DRAIN_DELAY;
+            let mut total = 0;
+            let result = loop {
+                match drain(&gw, &ch, &pub_ch, &queue).await {
+                    Ok(n) => total += n,
+                    Err(e) => break Err(e),
+                }
+                if tokio::time::Instant::now() >= until {
+                    // One last look, then the queue goes.
+                    break drain(&gw, &ch, &pub_ch, &queue).await.map(|n| total += n);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(DRAIN_POLL) => {}
+                    _ = gw.stop_consuming.cancelled() => return,
+                }
+            };
+            match result {
+                Ok(()) => tracing::info!(queue, drained = total, "took over a departed node's queue"),
                 Err(e) => tracing::debug!(queue, "departed queue not drained (another survivor may have): {e}"),
             }
             let _ = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;

@@ -4,8 +4,11 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod procs;
 pub mod raw;
+pub mod services;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,12 +149,21 @@ impl Drop for Node {
 }
 
 /// Polls `cond` until it holds, failing the test after `WAIT`.
-pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+pub async fn wait_for<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    wait_for_within(what, WAIT, cond).await
+}
+
+/// Polls `cond` until it holds, failing the test after `within`.
+pub async fn wait_for_within<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     while !cond().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -213,11 +225,35 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn new() -> Publisher {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        topology::declare_exchanges(&ch).await.unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-        Publisher { _conn: conn, ch }
+        Publisher::connect(&amqp_url()).await.unwrap()
+    }
+
+    pub async fn connect(url: &str) -> lapin::Result<Publisher> {
+        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        topology::declare_exchanges(&ch).await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Publisher { _conn: conn, ch })
+    }
+
+    /// One message per owner in `ring`, through `topology::publish_group`
+    /// (persistent, as every real publisher), each confirmed.
+    pub async fn try_publish_to_owners(
+        &self,
+        ring: &contract::ring::Ring,
+        recipients: &[String],
+        ev: &PostEvent,
+    ) -> anyhow::Result<()> {
+        let mut groups: std::collections::BTreeMap<usize, Vec<&str>> = Default::default();
+        for r in recipients {
+            groups.entry(ring.owner_index(slot_of(r)).unwrap_or(0)).or_default().push(r);
+        }
+        for g in groups.values() {
+            let body = event::encode(g, ev);
+            let confirm = topology::publish_group(&self.ch, g, &body, FieldTable::default()).await?.await?;
+            anyhow::ensure!(confirm.is_ack(), "publish not confirmed");
+        }
+        Ok(())
     }
 
     /// Publishes one message for `recipients`, routed by the first one's slot.
@@ -372,35 +408,105 @@ pub async fn post_like_backend(
 /// backend would: the ring is read from the membership `key` before each
 /// post (so it lags membership changes a little).
 pub fn publish_series(users: Vec<String>, key: String, count: u64, every: Duration) -> Series {
+    publish_series_via(procs::Services::shared(&key), users, count, every)
+}
+
+/// Like [`publish_series`], on the given services, and like the backend it
+/// rides out their faults: a post is retried until the broker confirms it
+/// (the feed cache write is attempted, and skipped while Redis is down),
+/// and the last ring read stands while the membership cannot be read.
+pub fn publish_series_via(services: procs::Services, users: Vec<String>, count: u64, every: Duration) -> Series {
     let published = Arc::new(AtomicU64::new(0));
     let done = published.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
     let handle = tokio::spawn(async move {
-        let publisher = Publisher::new().await;
-        let mut redis = redis_conn().await;
+        let mut publisher: Option<Publisher> = None;
+        let redis_client = redis::Client::open(services.redis_url.as_str()).unwrap();
+        let mut redis: Option<redis::aio::MultiplexedConnection> = None;
+        let mut ring = contract::ring::Ring::new(Vec::<contract::ring::Member>::new());
         let mut ids = Vec::new();
         for seq in 0..count {
-            let members = contract::membership::fetch(&mut redis, &key).await.unwrap();
-            let ring = contract::ring::Ring::new(members);
+            if stopped.is_cancelled() {
+                break;
+            }
             let mut ev = post("x");
             ev.id = post_id(seq);
             ev.data.post_id = ev.id.clone();
-            post_like_backend(&mut redis, &publisher, &ring, &users, &ev).await;
+            if redis.is_none() {
+                redis =
+                    tokio::time::timeout(Duration::from_millis(500), redis_client.get_multiplexed_async_connection())
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+            }
+            if let Some(conn) = redis.as_mut() {
+                let read = contract::membership::fetch(conn, &services.membership_key);
+                match tokio::time::timeout(Duration::from_millis(500), read).await {
+                    Ok(Ok(members)) => ring = contract::ring::Ring::new(members),
+                    _ => redis = None,
+                }
+            }
+            if let Some(conn) = redis.as_mut()
+                && tokio::time::timeout(Duration::from_millis(500), write_feed(conn, &users, &ev)).await.is_err()
+            {
+                redis = None;
+            }
+            loop {
+                if publisher.is_none() {
+                    publisher = Publisher::connect(&services.amqp_url).await.ok();
+                }
+                if let Some(p) = &publisher
+                    && p.try_publish_to_owners(&ring, &users, &ev).await.is_ok()
+                {
+                    break;
+                }
+                publisher = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             ids.push(ev.id);
             done.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(every).await;
         }
         ids
     });
-    Series { handle, published }
+    Series { handle, published, stop }
+}
+
+/// Writes a post into the recipients' feed caches, as the backend does.
+async fn write_feed(redis: &mut redis::aio::MultiplexedConnection, recipients: &[String], ev: &PostEvent) {
+    use contract::feedcache::{CachedPost, feed_key, post_key};
+    let body = CachedPost {
+        id: ev.id.clone(),
+        text: ev.data.post_text.clone(),
+        author_user_id: ev.data.author_user_id.clone(),
+    };
+    let mut pipe = redis::pipe();
+    pipe.set(post_key(&ev.id), serde_json::to_string(&body).unwrap()).ignore();
+    for r in recipients {
+        pipe.zadd(feed_key(r), &ev.id, 0).ignore();
+    }
+    let _ = pipe.query_async::<()>(redis).await;
 }
 
 /// Posts being published in the background.
 pub struct Series {
     handle: JoinHandle<Vec<String>>,
     published: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Series {
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Ends the series after the post being published; returns every id.
+    pub async fn stop(self) -> Vec<String> {
+        self.stop.cancel();
+        self.finish().await
+    }
+
     /// Waits until at least `n` posts are out (failing the test after `WAIT`).
     pub async fn wait_published(&self, n: u64) {
         wait_for(&format!("{n} posts published"), || async { self.published.load(Ordering::Relaxed) >= n }).await;
