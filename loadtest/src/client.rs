@@ -107,14 +107,16 @@ pub enum Ended {
 /// Reads events until the connection ends or `stop` fires; returns the
 /// sequence numbers received, in arrival order.
 pub async fn read_events(ws: Ws, key: usize, run: u64, counters: &Counters, stop: &CancellationToken) -> Vec<u32> {
-    let mut seqs = Vec::new();
-    read_until(ws, key, run, counters, stop, None, &mut seqs).await;
+    let (mut seqs, mut newest) = (Vec::new(), String::new());
+    read_until(ws, key, run, counters, stop, None, &mut seqs, &mut newest).await;
     seqs
 }
 
 /// Reads events into `seqs` until the connection ends, `stop` fires or
 /// `churn` is notified (then it closes the connection itself, code 1000);
-/// says why it ended.
+/// says why it ended. `newest` keeps the greatest event id received (ids
+/// sort by time): what a reconnection asks for as `since`.
+#[allow(clippy::too_many_arguments)]
 pub async fn read_until(
     mut ws: Ws,
     key: usize,
@@ -123,6 +125,7 @@ pub async fn read_until(
     stop: &CancellationToken,
     churn: Option<&tokio::sync::Notify>,
     seqs: &mut Vec<u32>,
+    newest: &mut String,
 ) -> Ended {
     let churned = async {
         match churn {
@@ -150,8 +153,11 @@ pub async fn read_until(
             OpCode::Text => {
                 let now = contract::event::now_micros();
                 match parse_event(&frame.payload) {
-                    Some((r, seq, published)) if r == run => {
+                    Some((r, seq, published, id)) if r == run => {
                         seqs.push(seq);
+                        if id > newest.as_str() {
+                            id.clone_into(newest);
+                        }
                         counters.latency.record(key, now.saturating_sub(published));
                         counters.received.fetch_add(1, Ordering::Relaxed);
                         counters.last_receipt_us.fetch_max(now, Ordering::Relaxed);
@@ -180,7 +186,7 @@ pub async fn read_until(
 /// Reads the run, the sequence number and the publish time (unix micros)
 /// from the post text ([`post_text`]); the rest of the event is skipped
 /// unread.
-fn parse_event(payload: &[u8]) -> Option<(u64, u32, u64)> {
+fn parse_event(payload: &[u8]) -> Option<(u64, u32, u64, &str)> {
     #[derive(serde::Deserialize)]
     struct Data<'a> {
         #[serde(rename = "postText", borrow)]
@@ -189,13 +195,15 @@ fn parse_event(payload: &[u8]) -> Option<(u64, u32, u64)> {
     #[derive(serde::Deserialize)]
     struct Ev<'a> {
         #[serde(borrow)]
+        id: &'a str,
+        #[serde(borrow)]
         data: Data<'a>,
     }
     let ev: Ev = serde_json::from_slice(payload).ok()?;
     let mut parts = ev.data.post_text.split(' ');
     let run = u64::from_str_radix(parts.next()?, 16).ok()?;
     let seq = parts.next()?.parse().ok()?;
-    Some((run, seq, parts.next()?.parse().ok()?))
+    Some((run, seq, parts.next()?.parse().ok()?, ev.id))
 }
 
 /// The text of event `seq` of run `run`: `"<run hex> <seq> <micros>"`,
@@ -252,7 +260,7 @@ mod tests {
     fn events_round_trip_through_the_wire_format() {
         let ev = run_event(0xabc, 42, 1_700_000_000_123_456);
         let bytes = serde_json::to_vec(&ev).unwrap();
-        assert_eq!(parse_event(&bytes), Some((0xabc, 42, 1_700_000_000_123_456)));
+        assert_eq!(parse_event(&bytes), Some((0xabc, 42, 1_700_000_000_123_456, event_id(0xabc, 42).as_str())));
         assert_eq!(parse_event(b"{}"), None);
         assert!(event_id(7, 9) < event_id(7, 10) && since_floor(7) < event_id(7, 0));
         let other = contract::event::PostEvent::new("p", "hello", "a", 1);

@@ -37,6 +37,8 @@ const MAX_DEVICES_PER_WORKER: u64 = 19_000;
 const MIN_SETTLE: Duration = Duration::from_secs(1);
 /// Nchan needs longer: subscriptions reach its other workers asynchronously.
 const NCHAN_SETTLE: Duration = Duration::from_secs(3);
+/// `since` below every backend post id (UUIDv7: lowercase hex and dashes).
+const E2E_SINCE_FLOOR: &str = "0";
 /// How often the coordinator looks whether the stragglers have arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
@@ -342,6 +344,9 @@ fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, work
                 audience: population.audience,
                 nchan: args.target == Target::Nchan,
                 recover: args.recover || args.churn > 0.0,
+                // The backend's post ids (UUIDv7, hex) all sort above "0";
+                // this run's users are new, so their feeds hold only its posts.
+                since_floor: (args.mode == Mode::E2e).then(|| E2E_SINCE_FLOOR.to_owned()),
             }
         })
         .collect()

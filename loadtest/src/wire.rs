@@ -38,6 +38,11 @@ pub struct Job {
     /// New connections per second for this worker.
     pub connect_rate: f64,
     pub audience: Audience,
+    /// `since` for a device that reconnects before it received anything:
+    /// below every event id of the run (None: [`crate::client::since_floor`]
+    /// of gateway-mode ids; e2e: below the backend's ids).
+    #[serde(default)]
+    pub since_floor: Option<String>,
     /// nginx + Nchan instead of gateways: the single member is its URL and
     /// a device's token is its user id (the channel it subscribes to).
     #[serde(default)]

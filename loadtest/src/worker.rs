@@ -252,6 +252,7 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
         let source = Ipv4Addr::from(lo + (i as u32 % (hi - lo + 1)));
         let (slice, state, stop) = (slice.clone(), state.clone(), stop.clone());
         let (user, run, recover) = (job.users[local].clone(), job.run, job.recover);
+        let job_floor = job.since_floor.clone().unwrap_or_else(|| client::since_floor(run));
         devices.push(tokio::spawn(async move {
             let token = &slice.tokens[local];
             let ws = tokio::time::timeout(CONNECT_TIMEOUT, client::connect(source, &url, token)).await;
@@ -271,11 +272,12 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
             };
             state.opened(local);
             let (connected, churn) = &state.churn[i];
-            let mut seqs = Vec::new();
+            let (mut seqs, mut newest) = (Vec::new(), String::new());
+            let floor = job_floor.clone();
             loop {
                 connected.store(true, Ordering::Relaxed);
                 let churn = recover.then_some(churn);
-                let ended = client::read_until(ws, i, run, &state.counters, &stop, churn, &mut seqs).await;
+                let ended = client::read_until(ws, i, run, &state.counters, &stop, churn, &mut seqs, &mut newest).await;
                 connected.store(false, Ordering::Relaxed);
                 if ended == Ended::Stopped || !recover {
                     break;
@@ -291,7 +293,8 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
                     Ended::Moved(url) => Some(url),
                     _ => None,
                 };
-                match reconnect(&slice, &user, token, source, moved, run, &seqs, &state, &stop).await {
+                let since = if newest.is_empty() { floor.clone() } else { newest.clone() };
+                match reconnect(&slice, &user, token, source, moved, &since, &seqs, &state, &stop).await {
                     Some(w) => {
                         ws = w;
                         state.open.fetch_add(1, Ordering::Relaxed);
@@ -327,15 +330,11 @@ async fn reconnect(
     token: &str,
     source: Ipv4Addr,
     moved: Option<String>,
-    run: u64,
+    since: &str,
     seqs: &[u32],
     state: &State,
     stop: &CancellationToken,
 ) -> Option<client::Ws> {
-    let since = match seqs.iter().max() {
-        Some(&s) => client::event_id(run, s),
-        None => client::since_floor(run),
-    };
     let mut backoff = FIRST_BACKOFF;
     // Members that refused the TCP connection (the process is gone) are
     // skipped for the rest of this reconnection, and the next member is
@@ -360,7 +359,7 @@ async fn reconnect(
             }
         };
         let ws = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, client::connect_since(source, url, token, Some(&since))) => r,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, client::connect_since(source, url, token, Some(since))) => r,
             _ = stop.cancelled() => return None,
         };
         match ws {
