@@ -139,7 +139,7 @@ amqp_urls_from() {
 }
 rmqctl() { # node args...
   local i=$1; shift
-  env -i PATH="$PATH" HOME="$(rmq_dir "$i")/home" rabbitmqctl -q -n "$(rmq_name "$i")" "$@"
+  env -i PATH="$PATH" HOME="$(rmq_dir "$i")/home" /usr/lib/rabbitmq/bin/rabbitmqctl -q -n "$(rmq_name "$i")" "$@"
 }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 rmq_start() { # node
@@ -195,19 +195,21 @@ redis_stop() {
   while port_open "$REDIS_PORT"; do sleep 0.05; done
 }
 PG_BIN=/usr/lib/postgresql/15/bin
+PGRUN=$D/pgrun   # owned by the unprivileged user: data, socket and log
 pg() { su faults -c "$*"; }
 pg_start() {
-  if [ ! -d "$D/pg" ]; then
+  if [ ! -d "$PGRUN/data" ]; then
+    # initdb refuses to run as root.
     id faults >/dev/null 2>&1 || useradd -M faults
-    mkdir -p "$D/pg" "$D/pgsock"
-    chown faults "$D/pg" "$D/pgsock"
-    chmod 700 "$D/pg"
-    pg "$PG_BIN/initdb -D $D/pg -U postgres --auth=trust" >"$D/initdb.log" 2>&1 || die "initdb failed ($D/initdb.log)"
+    mkdir -p "$PGRUN"
+    chown faults "$PGRUN"
+    pg "$PG_BIN/initdb -D $PGRUN/data -U postgres --auth=trust" >"$D/initdb.log" 2>&1 || die "initdb failed ($D/initdb.log)"
   fi
-  pg "$PG_BIN/pg_ctl -D $D/pg -l $D/pg.log -o '-p $PG_PORT -k $D/pgsock -c listen_addresses=127.0.0.1' start -w" >/dev/null
+  pg "$PG_BIN/pg_ctl -D $PGRUN/data -l $PGRUN/pg.log -o '-p $PG_PORT -k $PGRUN -c listen_addresses=127.0.0.1' start -w" >/dev/null \
+    || die "PostgreSQL did not start (see $PGRUN/pg.log)"
   PG_UP=1
 }
-pg_stop() { pg "$PG_BIN/pg_ctl -D $D/pg -m fast stop -w" >/dev/null 2>&1 || true; }
+pg_stop() { pg "$PG_BIN/pg_ctl -D $PGRUN/data -m fast stop -w" >/dev/null 2>&1 || true; }
 
 # ---- gateways, backend -----------------------------------------------------
 gw_start() { # index
@@ -371,7 +373,7 @@ fault() { # case
       end ;;
     redis-restart-4) begin; redis_stop; sleep 4; redis_start; end ;;
     redis-restart-10) begin; redis_stop; sleep 10; redis_start; end ;;
-    pg-restart) begin; pg_stop; sleep 3; pg "$PG_BIN/pg_ctl -D $D/pg -l $D/pg.log -o '-p $PG_PORT -k $D/pgsock -c listen_addresses=127.0.0.1' start -w" >/dev/null; end ;;
+    pg-restart) begin; pg_stop; sleep 3; pg_start; end ;;
     backend-kill) begin; backend_stop KILL; sleep 1; backend_start; end ;;
     gateway-kill) begin; gw_stop 1 KILL; sleep 5; gw_start 1; end ;;
     gateway-stop-8) begin; kill -STOP "${GW_PID[1]}"; sleep 8; kill -CONT "${GW_PID[1]}"; end ;;

@@ -75,7 +75,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         println!("charts        {}", names.join("  "));
     }
     // A post that failed is expected nowhere, so it is not counted as lost.
-    let posts_failed = report.e2e.as_ref().is_some_and(|e| e.posts.failed > 0);
+    let posts_failed = report.e2e.as_ref().is_some_and(|e| e.posts.failed > 0 || e.feeds.missing > 0);
     if report.messages.lost > 0 || report.connections.failed > 0 || posts_failed {
         return Ok(std::process::ExitCode::from(3));
     }

@@ -81,6 +81,10 @@ fn check(r: &serde_json::Value, users: u64, devices: u64, followers_per_post: u6
     assert_eq!(m["duplicates"], 0, "{m}");
     assert_eq!(m["unexpected"], 0, "{m}");
     assert_eq!(r["foreign_frames"], 0, "only this run's posts reach its users");
+    let f = &e["feeds"];
+    assert_eq!(f["expected"], created * followers_per_post, "every post looked up at every follower: {f}");
+    assert_eq!(f["missing"], 0, "every acknowledged post is in every follower's feed: {f}");
+    assert_eq!(f["unreadable"], 0, "{f}");
 
     let l = &r["latency_ms"];
     let ms = |k: &str| l[k].as_f64().unwrap_or_else(|| panic!("latency_ms.{k} missing: {l}"));

@@ -163,6 +163,14 @@ impl Api {
         v.as_str().map(str::to_owned).context("post/create: the answer is not a post id")
     }
 
+    /// `GET /post/feed`: the ids of one page of the token's user's feed.
+    pub async fn feed_page(&self, token: &str, offset: usize, limit: usize) -> anyhow::Result<Vec<String>> {
+        let path = format!("/post/feed?offset={offset}&limit={limit}");
+        let v = self.call(Method::GET, &path, Some(token), None).await?.json("post/feed")?;
+        let posts = v.as_array().context("post/feed: the answer is not a list")?;
+        posts.iter().map(|p| p["id"].as_str().map(str::to_owned).context("post/feed: a post without id")).collect()
+    }
+
     /// The value of an unlabelled counter or gauge on the backend's
     /// `/metrics` (0 when the backend has not recorded it yet).
     pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {

@@ -55,6 +55,22 @@ pub struct E2eReport {
     pub seeding: Seeding,
     pub posts: PostsReport,
     pub backend: BackendFanout,
+    /// Every acknowledged post looked up in every follower's feed.
+    pub feeds: FeedCheck,
+}
+
+/// After the drain, each follower's feed (`GET /post/feed`, paged) must
+/// hold every post the backend acknowledged for its author.
+#[derive(Debug, Serialize, Default)]
+pub struct FeedCheck {
+    pub followers: u64,
+    /// (post, follower) pairs looked for.
+    pub expected: u64,
+    /// Of those, not in the follower's feed.
+    pub missing: u64,
+    /// Followers whose feed could not be read (after retries).
+    pub unreadable: u64,
+    pub first_missing: Option<String>,
 }
 
 /// `POST /post/create` as the load generator saw it.
@@ -107,6 +123,9 @@ pub struct Session {
     before: Counters,
     /// Set once posting is over.
     posts: Option<Posts>,
+    /// The followers' tokens (index = user index), for the feed check.
+    follower_tokens: Arc<Vec<String>>,
+    audience: crate::audience::Audience,
 }
 
 impl Session {
@@ -121,6 +140,8 @@ impl Session {
         let s = seed::seed(&api, args.users, args.fanout, &args.user_prefix, args.jwt_secret.as_deref(), args.quiet)
             .await?;
         let followers_per_author = followers_range(&s.audience, s.author_tokens.len() as u32);
+        let follower_tokens = Arc::new(s.tokens.clone());
+        let audience = s.audience;
         let population = Population { users: s.users, tokens: s.tokens, audience: s.audience };
         let session = Session {
             api,
@@ -131,6 +152,8 @@ impl Session {
             seeding: s.times,
             before: Counters::default(),
             posts: None,
+            follower_tokens,
+            audience,
         };
         Ok((population, session))
     }
@@ -159,6 +182,10 @@ impl Session {
                 self.before
             }),
             None => self.before,
+        };
+        let feeds = match &self.posts {
+            Some(p) => self.check_feeds(&p.created_ids).await,
+            None => FeedCheck::default(),
         };
         let posts = self.posts.as_ref();
         let first_start_us = posts.map_or(0, |p| p.first_start_us);
@@ -191,7 +218,54 @@ impl Session {
                 fanout_recipients_per_s: per_s(recipients, fanout_window),
                 events_published_per_s: per_s(events, fanout_window),
             },
+            feeds,
         })
+    }
+
+    /// Looks every acknowledged post up in the feed of every follower of
+    /// its author, [`FEED_CHECKS_IN_FLIGHT`] followers at a time.
+    async fn check_feeds(&self, created: &[(u32, String)]) -> FeedCheck {
+        let users = self.follower_tokens.len();
+        let mut want: Vec<Vec<String>> = vec![Vec::new(); users];
+        let mut out = Vec::new();
+        for (seq, id) in created {
+            self.audience.recipients(*seq, &mut out);
+            for &u in &out {
+                want[u].push(id.clone());
+            }
+        }
+        let mut check = FeedCheck { followers: users as u64, ..FeedCheck::default() };
+        check.expected = want.iter().map(|w| w.len() as u64).sum();
+        let sem = Arc::new(tokio::sync::Semaphore::new(FEED_CHECKS_IN_FLIGHT));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (u, want) in want.into_iter().enumerate() {
+            if want.is_empty() {
+                continue;
+            }
+            let (api, tokens, sem) = (self.api.clone(), self.follower_tokens.clone(), sem.clone());
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await.expect("never closed");
+                let got = read_feed(&api, &tokens[u]).await;
+                (u, want, got)
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            let Ok((u, want, got)) = r else { continue };
+            match got {
+                Some(got) => {
+                    let got: std::collections::HashSet<String> = got.into_iter().collect();
+                    for id in want.iter().filter(|id| !got.contains(*id)) {
+                        check.missing += 1;
+                        check.first_missing.get_or_insert_with(|| format!("post {id} not in follower #{u}'s feed"));
+                    }
+                }
+                None => {
+                    check.unreadable += 1;
+                    check.missing += want.len() as u64;
+                }
+            }
+        }
+        check
     }
 
     async fn counters(api: &Api) -> anyhow::Result<Counters> {
@@ -239,10 +313,55 @@ impl E2eReport {
         if let Some(e) = &p.first_error {
             println!("post failure  {e}");
         }
+        let f = &self.feeds;
+        println!(
+            "feeds         {} (post, follower) pairs looked up in {} followers' feeds: {} missing, {} feeds unreadable",
+            f.expected, f.followers, f.missing, f.unreadable
+        );
+        if let Some(m) = &f.first_missing {
+            println!("feed missing  {m}");
+        }
         println!(
             "backend       {} recipients fanned out, {} broker messages = {:.0} recipients/s, {:.0} messages/s (first post to last receipt, {:.2}s)",
             b.fanout_recipients, b.events_published, b.fanout_recipients_per_s, b.events_published_per_s, b.window_s
         );
+    }
+}
+
+/// Followers' feeds read at once by the feed check.
+const FEED_CHECKS_IN_FLIGHT: usize = 32;
+/// The backend's largest feed page.
+const FEED_PAGE: usize = 100;
+/// A feed read that fails is tried again this many times (the backend may
+/// be restarting at the end of a fault run).
+const FEED_READ_TRIES: u32 = 5;
+
+/// The ids in a follower's feed, paged until a short page (at most the
+/// cache's 1,000); None when it cannot be read.
+async fn read_feed(api: &Api, token: &str) -> Option<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut offset = 0;
+    loop {
+        let mut page = None;
+        for attempt in 0..FEED_READ_TRIES {
+            match api.feed_page(token, offset, FEED_PAGE).await {
+                Ok(p) => {
+                    page = Some(p);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("feed check: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
+        let page = page?;
+        let n = page.len();
+        ids.extend(page);
+        offset += n;
+        if n < FEED_PAGE || offset >= 1000 {
+            return Some(ids);
+        }
     }
 }
 

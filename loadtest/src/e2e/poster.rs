@@ -36,6 +36,8 @@ pub struct Posts {
     pub last_end_us: u64,
     /// The first failure, to say why posts failed.
     pub first_error: Option<String>,
+    /// (seq, post id) of every post the backend acknowledged.
+    pub created_ids: Vec<(u32, String)>,
 }
 
 /// What the request tasks share.
@@ -45,6 +47,7 @@ struct Shared {
     first_start_us: u64,
     last_end_us: u64,
     first_error: Option<String>,
+    created_ids: Vec<(u32, String)>,
 }
 
 /// Posts for `plan.duration` at `plan.rate`. `connected[u]` is the number
@@ -64,6 +67,7 @@ pub async fn run(
         first_start_us: u64::MAX,
         last_end_us: 0,
         first_error: None,
+        created_ids: Vec::new(),
     }));
     let in_flight = Arc::new(Semaphore::new(MAX_POSTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
@@ -91,8 +95,9 @@ pub async fn run(
                 s.first_start_us = s.first_start_us.min(start_us);
                 s.last_end_us = s.last_end_us.max(end_us);
                 match result {
-                    Ok(_) => {
+                    Ok(id) => {
                         s.latency.saturating_record(end_us.saturating_sub(start_us).max(1));
+                        s.created_ids.push((seq, id));
                     }
                     Err(e) => {
                         s.failed.push(seq);
@@ -124,6 +129,7 @@ pub async fn run(
         first_start_us: if attempted > 0 { shared.first_start_us } else { 0 },
         last_end_us: shared.last_end_us,
         first_error: shared.first_error,
+        created_ids: shared.created_ids,
     };
     // The backend, not this process, publishes the broker messages; its
     // count comes from its /metrics ([`super::Session::finish`]).
