@@ -7,7 +7,7 @@
 # It never touches the machine's shared services, and stops only the
 # processes it started (by pid), whatever happens.
 #
-#   scripts/faults.sh                    every case, twice (about 30-40 minutes)
+#   scripts/faults.sh                    every case, twice (about 25 minutes)
 #   scripts/faults.sh --quick            every case once, smaller and shorter (a few minutes)
 #   scripts/faults.sh --only a,b         some cases (names below)
 #   scripts/faults.sh --runs N           runs per case (default 2; --quick: 1)
@@ -70,10 +70,10 @@ if [ -n "$CI" ]; then
   USERS=600; DEVICES=2; RATE=50; FANOUT=10; DURATION=16; FAULT_AT=3; DRAIN=12
   E2E_USERS=300; E2E_RATE=20; E2E_FANOUT=30
 elif [ -n "$QUICK" ]; then
-  USERS=1500; DEVICES=2; RATE=100; FANOUT=20; DURATION=20; FAULT_AT=4; DRAIN=15
+  USERS=1500; DEVICES=2; RATE=100; FANOUT=20; DURATION=16; FAULT_AT=4; DRAIN=10
   E2E_USERS=600; E2E_RATE=30; E2E_FANOUT=30
 else
-  USERS=3000; DEVICES=2; RATE=150; FANOUT=20; DURATION=25; FAULT_AT=5; DRAIN=15
+  USERS=3000; DEVICES=2; RATE=150; FANOUT=20; DURATION=20; FAULT_AT=5; DRAIN=10
   E2E_USERS=1500; E2E_RATE=50; E2E_FANOUT=50
 fi
 # Cases whose fault lasts longer get a longer run: fault, then at least
@@ -83,7 +83,7 @@ case_duration() {
     gateway-stop-30) echo $((FAULT_AT + 30 + 15)) ;;
     rolling) echo $((FAULT_AT + 45)) ;;
     redis-restart-10|cluster-node-kill) echo $((DURATION + 8)) ;;
-    slow-consumer) echo $((FAULT_AT + 30)) ;;
+    slow-consumer) echo $((FAULT_AT + 32)) ;;
     *) echo "$DURATION" ;;
   esac
 }
@@ -215,7 +215,7 @@ pg_stop() { pg "$PG_BIN/pg_ctl -D $PGRUN/data -m fast stop -w" >/dev/null 2>&1 |
 gw_start() { # index
   local i=$1 port=${GW_PORT[$1]} rmq=$1
   [ -n "$CLUSTER" ] || rmq=0
-  AMQP_URL=$(amqp_urls_from "$rmq") REDIS_URL=$REDIS_URL MEMBERSHIP_KEY=$KEY RUST_LOG=warn \
+  AMQP_URL=$(amqp_urls_from "$rmq") REDIS_URL=$REDIS_URL MEMBERSHIP_KEY=$KEY RUST_LOG=warn NO_COLOR=1 \
     "$BIN/gateway" --node-id "gw$i" --listen "127.0.0.1:$port" --advertise-url "ws://127.0.0.1:$port" \
     >>"$RUN/gw$i.log" 2>&1 &
   GW_PID[$i]=$!
@@ -256,7 +256,7 @@ gw_stop() { # index [signal]
 }
 backend_start() {
   AMQP_URL=$(amqp_urls_from 0) REDIS_URL=$REDIS_URL DATABASE_URL=$DATABASE_URL MEMBERSHIP_KEY=$KEY \
-    FANOUT_QUEUE="faults.fanout" ARGON2_MEMORY_KIB=64 ARGON2_ITERATIONS=1 RUST_LOG=warn \
+    FANOUT_QUEUE="faults.fanout" ARGON2_MEMORY_KIB=64 ARGON2_ITERATIONS=1 RUST_LOG=warn NO_COLOR=1 \
     "$BIN/backend" --listen "127.0.0.1:$BACKEND_PORT" >>"$RUN/backend.log" 2>&1 &
   BACKEND_PID=$!
   for _ in $(seq 1 300); do
@@ -300,10 +300,10 @@ for p in "${RMQ_PORT[@]}" "${RMQ_DIST[@]}" "$REDIS_PORT" "$PG_PORT" "${GW_PORT[@
   port_open "$p" && die "port $p is taken: another faults.sh running?"
 done
 if [ -n "$CI" ]; then
-  # CI has just built the debug binaries for the tests.
-  BIN=target/debug
+  # CI has just built the debug binaries for the tests (FAULTS_BIN: others).
+  BIN=${FAULTS_BIN:-target/debug}
   log "building (debug, for --ci)"
-  cargo build -q -p gateway -p backend -p loadtest
+  [ -n "${FAULTS_BIN:-}" ] || cargo build -q -p gateway -p backend -p loadtest
 else
   BIN=target/release
   log "building (release)"
@@ -367,8 +367,10 @@ fault() { # case
       begin; rmqctl 0 close_all_connections "faults: close_all_connections" >/dev/null; end ;;
     rabbit-close-gateways)
       begin
-      local n=0
-      for c in $(gateway_connections); do rmqctl 0 close_connection "$c" "faults: gateway connection cut" >/dev/null && n=$((n + 1)); done
+      local n=0 conn
+      for conn in $(gateway_connections); do
+        rmqctl 0 close_connection "$conn" "faults: gateway connection cut" >/dev/null && n=$((n + 1))
+      done
       FAULT_NOTE="$n gateway connections closed"
       end ;;
     redis-restart-4) begin; redis_stop; sleep 4; redis_start; end ;;
@@ -389,19 +391,19 @@ fault() { # case
       done
       end ;;
     slow-consumer)
-      # A firehose of its own (10 users, 300 events/s each to all of them:
-      # 3,000 deliveries/s) whose users also have devices that never read:
+      # A firehose of its own (10 users, 800 events/s each to all of them:
+      # 8,000 deliveries/s) whose users also have devices that never read:
       # their gateway must close those (4008) while the users' normal
       # devices, and the main run's, lose nothing.
       begin
       local sp="${PREFIX}s"
       rm -f "$RUN/$NAME.slow.ready"
       python3 bench/faults/slow_consumer.py --secret "$JWT_SECRET" --prefix "$sp" --users 10 --per-user 2 \
-        --gateways "${GW_PORT[*]}" --hold 22 --ready-file "$RUN/$NAME.slow.ready" \
+        --gateways "${GW_PORT[*]}" --hold 25 --ready-file "$RUN/$NAME.slow.ready" \
         >"$RUN/$NAME.slow.json" 2>>"$RUN/$NAME.slow.log" &
       SLOW_PID=$!
       until [ -f "$RUN/$NAME.slow.ready" ] || ! kill -0 "$SLOW_PID" 2>/dev/null; do sleep 0.1; done
-      "$BIN/loadtest" run --users 10 --devices 1 --rate 300 --fanout 10 --duration 12 --drain 5 --recover \
+      "$BIN/loadtest" run --users 10 --devices 1 --rate 800 --fanout 10 --duration 15 --drain 5 --recover \
         --settle 1 --redis-url "$REDIS_URL" --membership-key "$KEY" --amqp-url "$(amqp_urls_from 0)" \
         --user-prefix "$sp" --metrics-listen off --quiet --json "$RUN/$NAME.firehose.json" \
         --charts "$RUN/$NAME.firehose.charts" >"$RUN/$NAME.firehose.out" 2>&1 || true
@@ -480,8 +482,8 @@ run_case() { # case run
   LT_PID=""
   # Came back by itself: every gateway ready in a ring of 3 again, with
   # nothing done beyond undoing the fault.
-  local healed_ms back=true
-  healed_ms=$(wait_all_ready 30) || { back=false; healed_ms=null; }
+  local healed_ms back=True
+  healed_ms=$(wait_all_ready 30) || { back=False; healed_ms=None; }
   local i=0 warn="$RUN/$NAME.warn"
   : >"$warn"
   for f in "${LOGS[@]}"; do
