@@ -197,3 +197,40 @@ async fn while_the_broker_is_down_a_post_is_accepted_and_its_job_retried_visibly
     drop_feeds(&followers).await;
     backend.stop().await;
 }
+
+#[tokio::test]
+async fn with_several_broker_urls_the_workers_move_to_the_next_node_when_one_is_lost() {
+    // Two proxies to the one broker stand for two nodes of a cluster.
+    let (a, b) = (AmqpProxy::start().await, AmqpProxy::start().await);
+    a.refuse(true);
+    let urls = format!("{},{}", a.url(), b.url());
+    let backend = TestBackend::start(move |c| c.amqp_url = urls).await;
+    let api = backend.client();
+    let (author, author_token) = api.user("Clustered").await;
+    let followers = bulk_followers(&author, 3).await;
+    let mut tap = Tap::new().await;
+    let want: HashSet<String> = followers.iter().cloned().collect();
+
+    // Node a is down from the start: the workers use b.
+    let first = api.post(&author_token, "via the second node").await;
+    let mut got = HashSet::new();
+    tap.collect_into(&first, &mut got, 3, Duration::from_millis(100)).await;
+    assert_eq!(got, want);
+    let on_b = b.accepted();
+    assert!(on_b >= 1, "the workers connected to b");
+
+    // b goes down (connections cut, new ones refused), a comes back.
+    b.refuse(true);
+    a.refuse(false);
+    b.kill_all();
+    let second = api.post(&author_token, "via the first node again").await;
+    let mut got = HashSet::new();
+    tap.collect_into(&second, &mut got, 3, Duration::from_millis(100)).await;
+    assert_eq!(got, want);
+    eprintln!("connections: a {}, b {}", a.accepted(), b.accepted());
+    assert!(a.accepted() >= 1, "the workers moved to a");
+    assert_eq!(b.accepted(), on_b, "nothing more reached b");
+
+    drop_feeds(&followers).await;
+    backend.stop().await;
+}
