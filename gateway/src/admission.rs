@@ -22,6 +22,17 @@ use crate::state::Gateway;
 #[derive(Default)]
 pub struct PerAddress(DashMap<IpAddr, usize>);
 
+impl PerAddress {
+    /// Addresses holding sockets now (0 when the limit is off).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The source address already holds the most sockets allowed.
 #[derive(Debug)]
 pub struct AddressFull;

@@ -62,12 +62,7 @@ pub async fn proxy(
         Err(_) => return message(StatusCode::GATEWAY_TIMEOUT, &format!("owner node {} did not answer", owner.node_id)),
     };
     if status != 101 {
-        // Pass the owner's refusal on (401, 503, ...), body included.
-        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-        resp.headers_mut().insert("content-type", "application/json".parse().expect("static"));
-        return resp;
+        return refusal(status, &answer);
     }
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
@@ -87,6 +82,33 @@ pub async fn proxy(
         task_gw.metrics.proxied.decrement(1.0);
     });
     resp.map(|_| Full::new(Bytes::new()))
+}
+
+/// Headers of the owner's answer that describe its connection to us, not
+/// the answer: hyper sets its own.
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"];
+
+/// The owner's refusal (401, 503, ...), passed on with its body and its
+/// end-to-end headers (`retry-after` above all, so clients back off as the
+/// owner asked).
+fn refusal(status: u16, answer: &str) -> Response<Body> {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for line in head.lines().skip(1) {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let name = name.trim().to_ascii_lowercase();
+        if HOP_BY_HOP.contains(&name.as_str()) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) =
+            (hyper::header::HeaderName::from_bytes(name.as_bytes()), hyper::header::HeaderValue::from_str(value.trim()))
+        {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp
 }
 
 /// Reads an HTTP answer head: (status, head text, bytes read past it).
