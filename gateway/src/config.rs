@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_CLIENT_FRAMES_PER_SEC", default_value_t = 50)]
     pub max_client_frames_per_sec: u32,
 
+    /// Kernel send buffer per device (SO_SNDBUF; Linux doubles it). Small,
+    /// so a device that stops reading overflows its send queue (4008)
+    /// within seconds instead of parking megabytes in the kernel.
+    #[arg(long, env = "GATEWAY_DEVICE_SEND_BUFFER", default_value_t = 64 * 1024)]
+    pub device_send_buffer: usize,
+
     /// Longest token lifetime (`exp - iat`) accepted; longer ones get 401.
     #[arg(long, env = "GATEWAY_MAX_TOKEN_LIFETIME", default_value = "7d", value_parser = humantime::parse_duration)]
     pub max_token_lifetime: Duration,

@@ -25,8 +25,14 @@ use crate::state::Gateway;
 /// before dropping the socket (so the client reads our close frame rather
 /// than a reset).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-/// A write that makes no progress for this long means the peer is gone.
-const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// A write that makes no progress for this long means the peer is gone
+/// (or not reading: with the bounded kernel buffer below, a device that
+/// stops reading stalls its writer within a few events).
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Writing the close frame itself may stall only this long: a device
+/// closed for not reading will not read it either, and its socket should
+/// go at once rather than after a whole stall timeout.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most buffers handed to one `writev` (Linux allows 1024).
 const MAX_IOVECS: usize = 64;
 
@@ -48,6 +54,13 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
             return;
         }
     };
+    // A bounded kernel send buffer: Linux autotunes it up to ~4 MB, which
+    // a device that stops reading fills for many seconds before its writer
+    // notices anything (and that much kernel memory per device). Bounded,
+    // the send queue overflows (4008) soon after the device stops reading.
+    if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(gw.config.device_send_buffer) {
+        tracing::debug!("setting SO_SNDBUF: {e}");
+    }
     let (rd, mut wr) = stream.into_split();
     // Bytes the client sent right behind its handshake come first. They are
     // copied out: hyper's `Bytes` is a view into its whole 8 KiB connection
@@ -259,7 +272,8 @@ async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> bo
         if let Some(Close::Frame { code, reason }) = &close {
             bufs.push(frame::close(*code, reason));
         }
-        if let Err(e) = Box::pin(write_all(wr, &mut bufs)).await {
+        let stall = if close.is_some() { CLOSE_WRITE_TIMEOUT } else { WRITE_STALL_TIMEOUT };
+        if let Err(e) = Box::pin(write_all(wr, &mut bufs, stall)).await {
             tracing::debug!(device = device.id, "write failed: {e}");
             gw.metrics.write_failed.increment(n as u64);
             device.outbox.close(Close::Abort);
@@ -282,7 +296,7 @@ async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> bo
 
 /// Writes every buffer, `MAX_IOVECS` per syscall, each write bounded by
 /// the stall timeout.
-async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
+async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes], stall: Duration) -> std::io::Result<()> {
     let mut start = 0;
     while start < bufs.len() {
         let end = (start + MAX_IOVECS).min(bufs.len());
@@ -291,7 +305,7 @@ async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<(
         let written = match wr.try_write_vectored(&slices) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 drop(slices);
-                wait_writable(wr).await?;
+                wait_writable(wr, stall).await?;
                 continue;
             }
             other => other?,
@@ -324,7 +338,7 @@ async fn write_one(wr: &OwnedWriteHalf, mut buf: Bytes) -> std::io::Result<()> {
         match wr.try_write(&buf) {
             Ok(n) if n == buf.len() => return Ok(()),
             Ok(n) => buf.advance(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_writable(wr).await?,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_writable(wr, WRITE_STALL_TIMEOUT).await?,
             Err(e) => return Err(e),
         }
     }
@@ -332,8 +346,8 @@ async fn write_one(wr: &OwnedWriteHalf, mut buf: Bytes) -> std::io::Result<()> {
 
 /// Waits until the socket takes more, at most the stall timeout. Boxed:
 /// rare, and the timer would otherwise sit in every writer's state.
-async fn wait_writable(wr: &OwnedWriteHalf) -> std::io::Result<()> {
-    Box::pin(tokio::time::timeout(WRITE_STALL_TIMEOUT, wr.writable()))
+async fn wait_writable(wr: &OwnedWriteHalf, stall: Duration) -> std::io::Result<()> {
+    Box::pin(tokio::time::timeout(stall, wr.writable()))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))?
 }

@@ -79,6 +79,9 @@ pub struct Outbox {
     capacity: usize,
 }
 
+/// Most event frames the writer takes at once (one `writev` of 64 buffers).
+const MAX_BATCH: usize = 64;
+
 /// Close code for a device whose queue overflowed.
 pub const CLOSE_SLOW_CONSUMER: CloseCode = CloseCode::SlowConsumer;
 
@@ -214,20 +217,31 @@ impl Outbox {
         }
     }
 
-    /// Waits for work and takes all of it. Cancel-safe: work is only taken
-    /// in the poll that returns it.
+    /// Waits for work and takes it, at most `MAX_BATCH` event frames at a
+    /// time. Cancel-safe: work is only taken in the poll that returns it.
     pub async fn take(&self) -> Batch {
         loop {
             {
                 let mut s = self.state.lock();
                 if !s.frames.is_empty() || !s.control.is_empty() || s.close.is_some() {
                     s.writing = true;
-                    let close = s.close.take();
+                    // At most a batch at a time: what the writer has not
+                    // taken stays queued and counts against the capacity,
+                    // so a device that stopped reading overflows at
+                    // `capacity` frames behind, not at twice that. The
+                    // close goes with the last batch, after every frame.
+                    let frames = if s.frames.len() > MAX_BATCH {
+                        let rest = s.frames.split_off(MAX_BATCH);
+                        std::mem::replace(&mut s.frames, rest)
+                    } else {
+                        std::mem::take(&mut s.frames)
+                    };
+                    let close = if s.frames.is_empty() { s.close.take() } else { None };
                     if close.is_some() {
                         s.finished = true;
                     }
                     return Batch {
-                        frames: std::mem::take(&mut s.frames),
+                        frames,
                         control: std::mem::take(&mut s.control),
                         close,
                     };
@@ -269,6 +283,21 @@ mod tests {
         let b = o.take().await;
         assert_eq!(b.frames.len(), 1);
         assert_eq!(b.close, Some(Close::Frame { code: CloseCode::GoingAway, reason: "bye".into() }));
+    }
+
+    #[tokio::test]
+    async fn the_writer_takes_a_batch_at_a_time_and_the_close_last() {
+        let o = Outbox::new(1000);
+        for i in 0..100 {
+            o.push(&item(i));
+        }
+        o.close(Close::Frame { code: CloseCode::GoingAway, reason: "bye".into() });
+        let first = o.take().await;
+        assert_eq!((first.frames.len(), first.close), (MAX_BATCH, None));
+        let second = o.take().await;
+        assert_eq!(second.frames.len(), 100 - MAX_BATCH);
+        assert_eq!(second.frames[0].frame[0], MAX_BATCH as u8, "in order");
+        assert!(second.close.is_some());
     }
 
     #[tokio::test]

@@ -141,3 +141,44 @@ async fn answering_peer_stays_and_expired_token_closes_with_1008() {
     assert_eq!(close.expect("close frame").code, CloseCode::Policy);
     assert!(started.elapsed() >= Duration::from_millis(900), "closed before the token expired");
 }
+
+/// With the default send queue, a device that stops reading is closed soon
+/// after it falls behind: the kernel send buffer is bounded, so the queue
+/// overflows after about 512 events instead of after megabytes more.
+#[tokio::test]
+async fn a_device_that_stops_reading_is_closed_within_seconds() {
+    const EVENTS: usize = 700;
+    let node = Node::start(|_| {}).await;
+    let user = unique("u");
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let mut req = node.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {}", token_for(&user)).parse().unwrap());
+    let (_stalled, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    wait_for("the device", || async { node.gw.sessions.device_count() == 1 }).await;
+
+    let slow = "gateway_connections_closed_total{reason=\"slow_consumer\"}";
+    let slow_before = common::raw::metric(node.addr, slow).await;
+    let publisher = Publisher::new().await;
+    let started = std::time::Instant::now();
+    let mut closed_after = None;
+    for i in 0..EVENTS {
+        let mut ev = post(&format!("{user}-{i}"));
+        ev.data.post_text = "x".repeat(16 * 1024);
+        publisher.publish(&[&user], &ev).await;
+        if node.gw.sessions.device_count() == 0 {
+            closed_after = Some((i + 1, started.elapsed()));
+            break;
+        }
+    }
+    if closed_after.is_none() {
+        wait_for("the stalled device closed", || async { node.gw.sessions.device_count() == 0 }).await;
+        closed_after = Some((EVENTS, started.elapsed()));
+    }
+    let (events, took) = closed_after.unwrap();
+    let how = if common::raw::metric(node.addr, slow).await > slow_before { "4008 (queue full)" } else { "write stall" };
+    println!("stalled device closed by {how} after {events} events of 16 KB, {took:?} after the first");
+    // Well under the old ~15 s stall (plus megabytes of kernel buffer).
+    assert!(took < std::time::Duration::from_secs(10), "closed only after {took:?}");
+}
