@@ -240,11 +240,7 @@ impl Outbox {
                     if close.is_some() {
                         s.finished = true;
                     }
-                    return Batch {
-                        frames,
-                        control: std::mem::take(&mut s.control),
-                        close,
-                    };
+                    return Batch { frames, control: std::mem::take(&mut s.control), close };
                 }
                 s.writing = false;
             }

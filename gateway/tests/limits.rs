@@ -177,7 +177,8 @@ async fn a_device_that_stops_reading_is_closed_within_seconds() {
         closed_after = Some((EVENTS, started.elapsed()));
     }
     let (events, took) = closed_after.unwrap();
-    let how = if common::raw::metric(node.addr, slow).await > slow_before { "4008 (queue full)" } else { "write stall" };
+    let how =
+        if common::raw::metric(node.addr, slow).await > slow_before { "4008 (queue full)" } else { "write stall" };
     println!("stalled device closed by {how} after {events} events of 16 KB, {took:?} after the first");
     // Well under the old ~15 s stall (plus megabytes of kernel buffer).
     assert!(took < std::time::Duration::from_secs(10), "closed only after {took:?}");
