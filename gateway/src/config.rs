@@ -78,7 +78,9 @@ pub struct Config {
 
     /// Most events replayed to a reconnecting device (`?since=`), the
     /// newest ones; a device further behind is told how many were left out.
-    /// Capped at the send queue: a replay is queued like live events.
+    /// Capped at the send queue: a replay is queued like live events, and
+    /// one that does not fit beside what is queued closes with 4008. Half
+    /// the default queue, so live events have room during a replay.
     #[arg(long, env = "GATEWAY_MAX_REPLAY", default_value_t = 256)]
     pub max_replay: usize,
 
