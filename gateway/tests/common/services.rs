@@ -89,6 +89,7 @@ impl Drop for PrivateRedis {
 /// its own node name, ports, cookie and data directory).
 pub struct PrivateRabbit {
     pub port: u16,
+    dist: u16,
     node: String,
     dir: PathBuf,
 }
@@ -103,6 +104,10 @@ impl PrivateRabbit {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         std::fs::write(dir.join("plugins"), "[].\n").unwrap();
+        // The node's and the CLI's cookie, written before either runs.
+        let cookie = dir.join("home/.erlang.cookie");
+        std::fs::write(&cookie, unique("cookie").replace('-', "")).unwrap();
+        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
         std::fs::write(
             dir.join("rabbitmq.conf"),
             format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
@@ -110,69 +115,65 @@ impl PrivateRabbit {
         .unwrap();
         std::fs::write(dir.join("rabbitmq-env.conf"), format!("NODENAME={node}\nERL_EPMD_ADDRESS=127.0.0.1\n"))
             .unwrap();
-        let r = PrivateRabbit { port, node, dir };
+        let r = PrivateRabbit { port, dist, node, dir };
+        r.launch().await;
+        r
+    }
+
+    async fn launch(&self) {
         let status = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
             .arg("-detached")
-            .env("HOME", r.dir.join("home"))
-            .env("RABBITMQ_NODENAME", &r.node)
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
-            .env("RABBITMQ_MNESIA_BASE", r.dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", r.dir.join("log"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", r.dir.join("plugins"))
-            .env("RABBITMQ_CONFIG_FILE", r.dir.join("rabbitmq.conf"))
-            .env("RABBITMQ_CONF_ENV_FILE", r.dir.join("rabbitmq-env.conf"))
-            .env("RABBITMQ_PID_FILE", r.dir.join("node.pid"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.join("home"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("plugins"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_CONF_ENV_FILE", self.dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("node.pid"))
             .status()
             .expect("rabbitmq-server runs");
         assert!(status.success(), "rabbitmq-server failed to start");
-        wait_port(port, true, Duration::from_secs(60), "private rabbitmq up").await;
-        r
+        wait_port(self.port, true, Duration::from_secs(60), "private rabbitmq up").await;
+    }
+
+    /// Stops the node (SIGTERM by its pid file: a clean broker shutdown)
+    /// and starts it again on the same data directory.
+    pub async fn restart(&self) {
+        let pid = read_pid(&self.dir.join("node.pid")).expect("rabbitmq pid file");
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        wait_for_within("private rabbitmq stopped", Duration::from_secs(60), || async move {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+        .await;
+        self.launch().await;
+    }
+
+    /// How many messages `queue` holds (a passive declare), `None` if it
+    /// does not exist or the broker does not answer.
+    pub async fn messages(&self, queue: &str) -> Option<u32> {
+        let conn = lapin::Connection::connect(&self.url(), Default::default()).await.ok()?;
+        let ch = conn.create_channel().await.ok()?;
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare(queue.into(), passive, Default::default()).await.ok()?;
+        let _ = conn.close(200, "".into()).await;
+        Some(q.message_count())
     }
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
-
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        // Only HOME (for the cookie) and the node name: with the node's
-        // distribution port in its environment the CLI would try to take it.
-        Command::new("rabbitmqctl")
-            .env("HOME", self.dir.join("home"))
-            .arg("-n")
-            .arg(&self.node)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// Restarts the RabbitMQ application in place (what a broker restart
-    /// does to queues and messages), returning once it accepts again.
-    pub async fn restart(&self) {
-        let out = self.ctl(&["stop_app"]);
-        assert!(out.status.success(), "stop_app: {}", String::from_utf8_lossy(&out.stderr));
-        wait_port(self.port, false, Duration::from_secs(30), "private rabbitmq stopped").await;
-        let out = self.ctl(&["start_app"]);
-        assert!(out.status.success(), "start_app: {}", String::from_utf8_lossy(&out.stderr));
-        wait_port(self.port, true, Duration::from_secs(60), "private rabbitmq back").await;
-    }
-
-    /// `rabbitmqctl list_queues name messages`, as (name, messages).
-    pub fn queues(&self) -> Vec<(String, u64)> {
-        let out = self.ctl(&["list_queues", "-q", "--no-table-headers", "name", "messages"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                Some((f.next()?.to_owned(), f.next()?.parse().ok()?))
-            })
-            .collect()
-    }
 }
 
 impl Drop for PrivateRabbit {
     fn drop(&mut self) {
-        let _ = self.ctl(&["stop"]);
+        if let Some(pid) = read_pid(&self.dir.join("node.pid")) {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
