@@ -1,18 +1,15 @@
 //! The workers' RabbitMQ side: a connection with a confirm channel on
 //! `feed.events`, opened when there is something to publish, to the next
-//! node of the cluster when one is lost, and the persistent, confirmed,
-//! time-bounded publish of one event message.
+//! node of the cluster when one is lost. Events are published with
+//! `contract::topology::publish_group` (persistent, so what waits in a
+//! gateway's durable queue survives a broker restart).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use contract::event::HEADER_PUBLISHED_AT;
-use contract::slot::{routing_key, slot_of};
-use contract::topology::{self, EXCHANGE};
-use lapin::PublisherConfirm;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use contract::topology;
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
 
 /// A connection (TCP, AMQP handshake, channel, declarations) that takes
 /// longer than this is treated as the node being down.
@@ -20,9 +17,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A publish whose confirm has not come back in this long fails the job
 /// (it is retried): a stuck broker must not hold a job forever.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
-/// AMQP delivery mode 2: the broker writes the message to disk, so events
-/// queued for a gateway survive a broker restart (their queues are durable).
-const PERSISTENT: u8 = 2;
 
 /// The URLs of one RabbitMQ cluster's nodes, tried in turn: a connection
 /// starts at the node after the one that failed last.
@@ -119,25 +113,6 @@ impl Link {
             let _ = conn.close(200, "backend shutting down".into()).await;
         }
     }
-}
-
-/// Publishes one event message (persistent), routed by the slot of its
-/// first recipient, with `x-published-at`.
-pub async fn publish(ch: &Channel, recipients: &[&str], body: &[u8]) -> lapin::Result<PublisherConfirm> {
-    let first = recipients.first().copied().unwrap_or_default();
-    let mut headers = FieldTable::default();
-    headers.insert(HEADER_PUBLISHED_AT.into(), AMQPValue::LongLongInt(contract::event::now_micros() as i64));
-    ch.basic_publish(
-        EXCHANGE.into(),
-        routing_key(slot_of(first)).as_str().into(),
-        BasicPublishOptions::default(),
-        body,
-        BasicProperties::default()
-            .with_headers(headers)
-            .with_content_type("application/json".into())
-            .with_delivery_mode(PERSISTENT),
-    )
-    .await
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@ use contract::event::{self, PostEvent};
 use contract::membership;
 use contract::ring::Ring;
 use contract::slot::{SLOTS, slot_of};
+use contract::topology;
 use deadpool_postgres::GenericClient;
+use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Link};
@@ -220,7 +222,7 @@ async fn publish(backend: &Backend, link: &mut Link, ev: &PostEvent, groups: Vec
         for group in &groups {
             let recipients: Vec<&str> = group.iter().map(String::as_str).collect();
             let body = event::encode(&recipients, ev);
-            confirms.push(broker::publish(ch, &recipients, &body).await?);
+            confirms.push(topology::publish_group(ch, &recipients, &body, FieldTable::default()).await?);
         }
         let n = confirms.len();
         for c in futures_util::future::try_join_all(confirms).await? {

@@ -633,6 +633,7 @@ impl Tap {
             if topology::header_u64(d.properties.headers().as_ref(), event::HEADER_HOPS).unwrap_or(0) > 0 {
                 continue;
             }
+            assert_eq!(*d.properties.delivery_mode(), Some(2), "events are published persistent");
             let msg = event::decode(&d.data).unwrap();
             let ev: event::PostEvent = serde_json::from_str(msg.event.get()).unwrap();
             return Some((ev.id, msg.recipients.iter().map(|r| r.to_string()).collect()));
@@ -678,6 +679,7 @@ impl Tap {
             if topology::header_u64(d.properties.headers().as_ref(), event::HEADER_HOPS).unwrap_or(0) > 0 {
                 continue;
             }
+            assert_eq!(*d.properties.delivery_mode(), Some(2), "events are published persistent");
             let recipients: Vec<String> = msg.recipients.iter().map(|r| r.to_string()).collect();
             seen.extend(recipients.iter().cloned());
             messages.push((parse_routing_key(d.routing_key.as_str()).unwrap(), recipients));
