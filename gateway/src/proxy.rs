@@ -75,9 +75,12 @@ pub async fn proxy(
         let mut client: TokioIo<hyper::upgrade::Upgraded> = ws.into_inner();
         task_gw.metrics.proxied.increment(1.0);
         task_gw.metrics.proxied_total.increment(1);
+        let mut frames = Boundary::default();
+        frames.feed(&rest);
         if client.write_all(&rest).await.is_ok() {
-            // Ends when either side closes or fails; dropping both closes both.
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            // Ends when either side closes or fails, or when this node shuts
+            // down; dropping both closes both.
+            let _ = relay(&task_gw, &mut client, &mut upstream, frames).await;
         }
         task_gw.metrics.proxied.decrement(1.0);
     });
@@ -147,6 +150,124 @@ async fn read_head(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)>
         }
         if buf.len() > MAX_HEAD {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "owner answer head too long"));
+        }
+    }
+}
+
+/// Copies both ways until either side ends. When this node shuts down, the
+/// owner's stream is copied on to the end of the frame it is in, and the
+/// client gets a close frame with 1001 from here (so a proxied device is
+/// told to reconnect like the node's own devices), instead of a cut.
+async fn relay<C>(gw: &Gateway, client: &mut C, upstream: &mut TcpStream, mut frames: Boundary) -> std::io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut up_rd, mut up_wr) = upstream.split();
+    let (mut cl_rd, mut cl_wr) = tokio::io::split(client);
+    let to_owner = tokio::io::copy(&mut cl_rd, &mut up_wr);
+    tokio::pin!(to_owner);
+    let mut buf = vec![0u8; 4096];
+    let mut stopping = false;
+    loop {
+        if stopping && frames.at_boundary() {
+            let close = crate::frame::close(crate::close::CloseCode::GoingAway, "node shutting down");
+            cl_wr.write_all(&close).await?;
+            return cl_wr.shutdown().await;
+        }
+        // While stopping, read no further than the end of the current frame.
+        let want = if stopping { frames.to_boundary().min(buf.len()) } else { buf.len() };
+        tokio::select! {
+            n = up_rd.read(&mut buf[..want]) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                frames.feed(&buf[..n]);
+                cl_wr.write_all(&buf[..n]).await?;
+            }
+            r = &mut to_owner => { r?; return Ok(()); }
+            _ = gw.stop_consuming.cancelled(), if !stopping => stopping = true,
+        }
+    }
+}
+
+/// Where server frames end in the owner's byte stream (unmasked frames:
+/// two header bytes, an extended length of 2 or 8, a mask key if set).
+#[derive(Debug, Default)]
+struct Boundary {
+    header: Vec<u8>,
+    /// Payload bytes left in the current frame once its header is read.
+    payload_left: u64,
+}
+
+impl Boundary {
+    fn header_len(h: &[u8]) -> Option<usize> {
+        let b1 = *h.get(1)?;
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        Some(2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 })
+    }
+
+    fn payload_len(h: &[u8]) -> u64 {
+        match h[1] & 0x7f {
+            126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+            127 => u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")),
+            n => u64::from(n),
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = (self.payload_left as usize).min(bytes.len());
+                self.payload_left -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            self.header.push(bytes[0]);
+            bytes = &bytes[1..];
+            if Boundary::header_len(&self.header) == Some(self.header.len()) {
+                self.payload_left = Boundary::payload_len(&self.header);
+                self.header.clear();
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.header.is_empty() && self.payload_left == 0
+    }
+
+    /// Bytes that may be read without passing the end of the current frame
+    /// (at least 1: a header is read byte by byte).
+    fn to_boundary(&self) -> usize {
+        if self.payload_left > 0 { self.payload_left.min(usize::MAX as u64) as usize } else { 1 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Boundary;
+
+    #[test]
+    fn frame_ends_are_found_across_any_chunking() {
+        let mut stream = Vec::new();
+        stream.extend_from_slice(&crate::frame::text(b"hello"));
+        stream.extend_from_slice(&crate::frame::text(&[b'x'; 300]));
+        stream.extend_from_slice(&crate::frame::text(&vec![b'y'; 70_000]));
+        for chunk in [1, 2, 3, 7, 64, 4096] {
+            let mut b = Boundary::default();
+            let mut ends = 0;
+            for c in stream.chunks(chunk) {
+                for byte in c {
+                    b.feed(std::slice::from_ref(byte));
+                    ends += usize::from(b.at_boundary());
+                }
+            }
+            assert_eq!(ends, 3, "chunk {chunk}");
+            assert!(b.at_boundary());
         }
     }
 }
