@@ -58,12 +58,28 @@ pub struct Record {
     /// Written once by a node that stops cleanly.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub left: bool,
+    /// The `ws://` address other gateway nodes dial to reach this one (to
+    /// proxy a device, or to probe whether it died), when it differs from
+    /// `url`, e.g. `wss://` behind a TLS terminator for clients and plain
+    /// `ws://` between nodes. Absent: nodes dial `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_url: Option<String>,
 }
 
 impl Record {
     /// The heartbeat of a live node.
     pub fn alive(url: &str, now_ms: u64) -> Record {
-        Record { url: url.into(), heartbeat_ms: now_ms, incarnation: 0, left: false }
+        Record { url: url.into(), heartbeat_ms: now_ms, incarnation: 0, left: false, internal_url: None }
+    }
+
+    /// The same record, with the address other nodes dial.
+    pub fn with_internal_url(self, internal_url: Option<String>) -> Record {
+        Record { internal_url, ..self }
+    }
+
+    /// The address other gateway nodes dial to reach this node.
+    pub fn dial_url(&self) -> &str {
+        self.internal_url.as_deref().unwrap_or(&self.url)
     }
 
     /// The same record, for the given incarnation.
@@ -73,7 +89,7 @@ impl Record {
 
     /// The tombstone of a node that stops cleanly now.
     pub fn leaving(url: &str, now_ms: u64) -> Record {
-        Record { url: url.into(), heartbeat_ms: now_ms, incarnation: 0, left: true }
+        Record { url: url.into(), heartbeat_ms: now_ms, incarnation: 0, left: true, internal_url: None }
     }
 
     /// The heartbeat staleness is judged by. A node that left counts as

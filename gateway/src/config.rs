@@ -38,6 +38,13 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
 
+    /// The ws:// base URL other gateway nodes dial to reach this one (to
+    /// proxy a device to it, or to probe whether it died). Defaults to the
+    /// advertise URL; required when that is wss:// (TLS ends in front of
+    /// the nodes, which talk plain ws:// among themselves).
+    #[arg(long, env = "GATEWAY_INTERNAL_URL")]
+    pub internal_url: Option<String>,
+
     /// The Redis hash listing live gateway nodes (several clusters can share
     /// one Redis under different keys).
     #[arg(long, env = "MEMBERSHIP_KEY", default_value = contract::membership::MEMBERS_KEY)]
@@ -143,6 +150,19 @@ impl Config {
             return Err(format!("GATEWAY_ADVERTISE_URL (--advertise-url) {url:?} must start with ws:// or wss://"));
         }
         self.advertise_url = Some(url.trim_end_matches('/').to_owned());
+        match self.internal_url.take() {
+            Some(u) if !u.starts_with("ws://") => {
+                return Err(format!("GATEWAY_INTERNAL_URL (--internal-url) {u:?} must start with ws://"));
+            }
+            Some(u) => self.internal_url = Some(u.trim_end_matches('/').to_owned()),
+            None if url.starts_with("wss://") => {
+                return Err(format!(
+                    "GATEWAY_INTERNAL_URL (--internal-url) is required when GATEWAY_ADVERTISE_URL is wss:// ({url:?}): \
+                     other nodes dial that ws:// address to proxy devices"
+                ));
+            }
+            None => {}
+        }
         if self.amqp_urls().next().is_none() {
             return Err("AMQP_URL (--amqp-url) must name at least one amqp:// URL".into());
         }
@@ -204,6 +224,11 @@ impl Config {
 
     pub fn advertise_url(&self) -> &str {
         self.advertise_url.as_deref().expect("validated")
+    }
+
+    /// The address other nodes dial, when it differs from the advertised one.
+    pub fn internal_url(&self) -> Option<&str> {
+        self.internal_url.as_deref()
     }
 
     /// A config for tests and embedding: defaults, with the given secret.

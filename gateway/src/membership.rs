@@ -112,6 +112,8 @@ return 1
 /// A peer in this node's view.
 struct Peer {
     url: String,
+    /// Where other nodes dial it (`Record::dial_url`).
+    dial: String,
     incarnation: u64,
     heartbeat_ms: u64,
     /// When this node last saw the heartbeat change (or started counting).
@@ -153,7 +155,9 @@ pub async fn run(gw: Arc<Gateway>) {
         let started = Instant::now();
         let incarnation = gw.incarnation();
         let joined = gw.joined.load(Ordering::Relaxed);
-        let record = Record::alive(&url, now_ms()).of_incarnation(incarnation);
+        let record = Record::alive(&url, now_ms())
+            .of_incarnation(incarnation)
+            .with_internal_url(gw.config.internal_url().map(str::to_owned));
         let beat = async {
             if conn.is_none() {
                 conn = Some(client.get_multiplexed_async_connection().await?);
@@ -230,6 +234,7 @@ pub async fn run(gw: Arc<Gateway>) {
                         p.heartbeat_ms = r.heartbeat_ms;
                         p.advanced = now;
                     }
+                    p.dial = r.dial_url().to_owned();
                     p.url = r.url;
                 }
                 // An older incarnation's record cannot overwrite a newer
@@ -243,6 +248,7 @@ pub async fn run(gw: Arc<Gateway>) {
                             tracing::info!(node = id, incarnation = r.incarnation, "member restarted");
                         }
                         let p = Peer {
+                            dial: r.dial_url().to_owned(),
                             url: r.url,
                             incarnation: r.incarnation,
                             heartbeat_ms: r.heartbeat_ms,
@@ -269,7 +275,7 @@ pub async fn run(gw: Arc<Gateway>) {
             if quiet >= HEARTBEAT_TIMEOUT {
                 evict.push((id.clone(), p.incarnation, "heartbeat stopped"));
             } else if quiet >= SUSPECT_AFTER {
-                suspects.push((id.clone(), p.incarnation, p.url.clone()));
+                suspects.push((id.clone(), p.incarnation, p.dial.clone()));
             }
         }
         let probes = suspects.into_iter().map(|(id, inc, url)| async move { (id, inc, refused(&url).await) });
@@ -314,6 +320,7 @@ pub async fn run(gw: Arc<Gateway>) {
             let _: Result<(), _> = redis::cmd("HDEL").arg(&key).arg(&cleanup).query_async(c).await;
         }
 
+        *gw.dial_urls.write() = peers.iter().map(|(id, p)| (id.clone(), p.dial.clone())).collect();
         let mut members: Vec<Member> =
             peers.iter().map(|(id, p)| Member { node_id: id.clone(), url: p.url.clone() }).collect();
         // Before it announces itself, the node is in its own view only.

@@ -34,8 +34,11 @@ pub async fn proxy(
     token: String,
     owner: Member,
 ) -> Response<Body> {
-    let Some(hostport) = owner.url.strip_prefix("ws://").map(str::to_owned) else {
-        return message(StatusCode::BAD_GATEWAY, "owner node URL is not ws://");
+    // Dial the owner's internal address when it has one: its advertised
+    // URL may be a client-facing wss:// one.
+    let dial = gw.dial_urls.read().get(&owner.node_id).cloned().unwrap_or_else(|| owner.url.clone());
+    let Some(hostport) = dial.strip_prefix("ws://").map(str::to_owned) else {
+        return message(StatusCode::BAD_GATEWAY, "owner node has no ws:// address (set its GATEWAY_INTERNAL_URL)");
     };
     let Some(key) = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::to_owned) else {
         return message(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");

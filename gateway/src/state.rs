@@ -58,6 +58,10 @@ pub struct Gateway {
     pub pending_sockets: AtomicUsize,
     /// Sockets per source address, against `max_connections_per_ip`.
     pub per_address: crate::admission::PerAddress,
+    /// The address to dial for each peer (its internal URL, else its
+    /// advertised one), as membership last read it: the proxy dials this,
+    /// never a client-facing wss:// URL.
+    pub dial_urls: RwLock<std::collections::HashMap<String, String>>,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -95,6 +99,7 @@ impl Gateway {
             open_sockets: AtomicUsize::new(0),
             pending_sockets: AtomicUsize::new(0),
             per_address: Default::default(),
+            dial_urls: Default::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             recoveries: crate::recovery::Recoveries::new(

@@ -34,3 +34,31 @@ async fn an_owners_refusal_reaches_the_client_with_its_headers() {
     assert_eq!(status, 503, "{answer}");
     assert!(answer.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"), "Retry-After passed on: {answer}");
 }
+
+/// Behind TLS, an owner advertises `wss://` to clients (an address the
+/// nodes cannot dial) and its internal `ws://` address to other nodes: the
+/// proxy dials the internal one, and a device entering elsewhere is upgraded.
+#[tokio::test]
+async fn the_proxy_dials_the_owners_internal_url_not_its_wss_url() {
+    let key = unique("ring");
+    let k = key.clone();
+    let entry = Node::start(move |c| c.membership_key = k).await;
+    let k = key.clone();
+    let owner = Node::start(move |c| {
+        c.membership_key = k;
+        c.internal_url = c.advertise_url.take();
+        // Port 1 on loopback: nothing listens there, and it is not ws://.
+        c.advertise_url = Some("wss://127.0.0.1:1".into());
+    })
+    .await;
+    let nodes = [entry, owner];
+    wait_converged(&nodes).await;
+    let user = (0..)
+        .map(|i| format!("u{i}-{}", unique("p")))
+        .find(|u| nodes[0].gw.owner_of(u).is_some_and(|(mine, _)| !mine))
+        .unwrap();
+    assert!(nodes[0].gw.owner_of(&user).unwrap().1.url.starts_with("wss://"), "the owner advertises wss://");
+    let head = raw::upgrade_head("/posts", &format!("authorization: Bearer {}\r\n", token_for(&user)));
+    let (status, answer, _) = raw::request(nodes[0].addr, &head).await;
+    assert_eq!(status, 101, "proxied through the internal URL: {answer}");
+}
