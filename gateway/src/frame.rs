@@ -315,24 +315,14 @@ mod tests {
         assert_eq!(payload(&[0x81]), None);
     }
 
+    // The same encoder the integration tests use.
+    mod wire {
+        include!("../tests/common/wire.rs");
+    }
+
     /// A masked client frame, as a browser would send it.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1u8, 2, 3, 4];
-        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-        out
+        wire::client_frame(fin, opcode, payload, [1, 2, 3, 4])
     }
 
     async fn read_all(bytes: Vec<u8>, max: usize) -> Vec<Result<ClientFrame, ReadError>> {

@@ -11,6 +11,10 @@ use gateway::frame::{self, ClientFrame, FrameReader, ReadError};
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, ReadBuf};
 
+#[path = "common/wire.rs"]
+mod wire;
+use wire::client_frame;
+
 /// Hands out `data` in the given chunk sizes (cycled), as a network would.
 struct Chunked {
     data: Vec<u8>,
@@ -46,24 +50,6 @@ fn read_all(data: Vec<u8>, sizes: Vec<usize>, max: usize) -> Vec<Result<ClientFr
             }
         }
     })
-}
-
-fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-    out
 }
 
 /// A valid client frame and what the reader must make of it.

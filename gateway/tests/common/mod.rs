@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod procs;
 pub mod raw;
 pub mod services;
+pub mod wire;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
