@@ -7,18 +7,16 @@ use common::cluster::wait_converged;
 use common::raw;
 use common::*;
 
-#[tokio::test]
-async fn an_owners_refusal_reaches_the_client_with_its_headers() {
+/// Two converged nodes on a ring of their own, the second set up by
+/// `owner_tweak`, and a user the second one owns (so a device entering the
+/// first is proxied).
+async fn entry_and_owner(owner_tweak: impl FnOnce(&mut gateway::Config)) -> ([Node; 2], String) {
     let key = unique("ring");
     let k = key.clone();
     let entry = Node::start(move |c| c.membership_key = k).await;
-    // The owner lets one address hold one socket: this test's idle socket
-    // takes it, so the proxy's dial (from the same address) gets 503.
-    let k = key.clone();
     let owner = Node::start(move |c| {
-        c.membership_key = k;
-        c.max_connections_per_ip = 1;
-        c.handshake_timeout = std::time::Duration::from_secs(60);
+        c.membership_key = key;
+        owner_tweak(c);
     })
     .await;
     let nodes = [entry, owner];
@@ -27,6 +25,18 @@ async fn an_owners_refusal_reaches_the_client_with_its_headers() {
         .map(|i| format!("u{i}-{}", unique("p")))
         .find(|u| nodes[0].gw.owner_of(u).is_some_and(|(mine, _)| !mine))
         .unwrap();
+    (nodes, user)
+}
+
+#[tokio::test]
+async fn an_owners_refusal_reaches_the_client_with_its_headers() {
+    // The owner lets one address hold one socket: this test's idle socket
+    // takes it, so the proxy's dial (from the same address) gets 503.
+    let (nodes, user) = entry_and_owner(|c| {
+        c.max_connections_per_ip = 1;
+        c.handshake_timeout = std::time::Duration::from_secs(60);
+    })
+    .await;
     let _hog = tokio::net::TcpStream::connect(nodes[1].addr).await.unwrap();
     wait_for("the owner counts the idle socket", || async { nodes[1].gw.per_address.len() == 1 }).await;
     let head = raw::upgrade_head("/posts", &format!("authorization: Bearer {}\r\n", token_for(&user)));
@@ -40,23 +50,12 @@ async fn an_owners_refusal_reaches_the_client_with_its_headers() {
 /// proxy dials the internal one, and a device entering elsewhere is upgraded.
 #[tokio::test]
 async fn the_proxy_dials_the_owners_internal_url_not_its_wss_url() {
-    let key = unique("ring");
-    let k = key.clone();
-    let entry = Node::start(move |c| c.membership_key = k).await;
-    let k = key.clone();
-    let owner = Node::start(move |c| {
-        c.membership_key = k;
+    let (nodes, user) = entry_and_owner(|c| {
         c.internal_url = c.advertise_url.take();
         // Port 1 on loopback: nothing listens there, and it is not ws://.
         c.advertise_url = Some("wss://127.0.0.1:1".into());
     })
     .await;
-    let nodes = [entry, owner];
-    wait_converged(&nodes).await;
-    let user = (0..)
-        .map(|i| format!("u{i}-{}", unique("p")))
-        .find(|u| nodes[0].gw.owner_of(u).is_some_and(|(mine, _)| !mine))
-        .unwrap();
     assert!(nodes[0].gw.owner_of(&user).unwrap().1.url.starts_with("wss://"), "the owner advertises wss://");
     let head = raw::upgrade_head("/posts", &format!("authorization: Bearer {}\r\n", token_for(&user)));
     let (status, answer, _) = raw::request(nodes[0].addr, &head).await;
