@@ -34,38 +34,16 @@ pub const SECRET: &str = "integration-test-secret-0123456789";
 pub const AMQP_ADDR: &str = "127.0.0.1:5672";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/feed";
-/// This test process's own RabbitMQ virtual host, created on first use.
-/// Gateways started by these tests bind slots of `feed.events`, and the taps
-/// of `tests/fanout.rs` bind every slot: on the shared `/` they would see
-/// (and gateways re-publish) the events of any other test process or dev
-/// stack. Vhosts of test processes that have exited are deleted here too.
+/// This test process's own RabbitMQ virtual host, created on first use
+/// (why: `testkit::process_vhost`).
 pub fn vhost() -> &'static str {
     static VHOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    VHOST.get_or_init(|| {
-        let name = format!("{VHOST_PREFIX}{}", std::process::id());
-        for old in rabbitmqctl(&["list_vhosts", "-q", "--no-table-headers", "name"]).lines() {
-            let pid = old.strip_prefix(VHOST_PREFIX).and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
-                rabbitmqctl(&["delete_vhost", old]);
-            }
-        }
-        rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        name
-    })
+    VHOST.get_or_init(|| testkit::process_vhost("backend-test-"))
 }
-
-const VHOST_PREFIX: &str = "backend-test-";
 
 /// The broker URL of this process's vhost.
 pub fn amqp_url() -> String {
     format!("amqp://guest:guest@{AMQP_ADDR}/{}", vhost())
-}
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Generous: CI machines are noisy; waits end as soon as the thing happens.

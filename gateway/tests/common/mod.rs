@@ -33,39 +33,18 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
-/// This test process's own RabbitMQ virtual host, created on first use.
-/// Every node binds slots of `feed.events`, so nodes of another cluster on
-/// the same exchange (a concurrent test process, a local dev stack) would
-/// receive and re-publish this process's events. Vhosts of test processes
-/// that have exited are deleted here too.
+/// This test process's own RabbitMQ virtual host, created on first use
+/// (why: `testkit::process_vhost`).
 pub fn vhost() -> &'static str {
     static VHOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    VHOST.get_or_init(|| {
-        let name = format!("{VHOST_PREFIX}{}", std::process::id());
-        for old in rabbitmqctl(&["list_vhosts", "-q", "--no-table-headers", "name"]).lines() {
-            let pid = old.strip_prefix(VHOST_PREFIX).and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
-                rabbitmqctl(&["delete_vhost", old]);
-            }
-        }
-        rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        name
-    })
+    VHOST.get_or_init(|| testkit::process_vhost("gateway-test-"))
 }
-
-const VHOST_PREFIX: &str = "gateway-test-";
 
 /// The broker URL of this process's vhost.
 pub fn amqp_url() -> String {
     format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost())
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 /// Generous: CI machines are noisy; waits end as soon as the thing happens.
 pub const WAIT: Duration = Duration::from_secs(10);
 

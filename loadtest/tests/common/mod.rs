@@ -40,8 +40,7 @@ pub struct Vhost(String);
 impl Vhost {
     pub fn new() -> Vhost {
         let v = Vhost(unique("loadtest-ci"));
-        rabbitmqctl(&["add_vhost", &v.0]);
-        rabbitmqctl(&["set_permissions", "-p", &v.0, "guest", ".*", ".*", ".*"]);
+        testkit::add_vhost(&v.0);
         v
     }
 
@@ -54,11 +53,6 @@ impl Drop for Vhost {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.0]).output();
     }
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A `gateway` or `backend` process; SIGTERM and wait on drop, even when
