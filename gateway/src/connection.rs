@@ -12,13 +12,12 @@ use bytes::{Buf, Bytes};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::close::CloseCode;
 use crate::frame::{self, ClientFrame, FrameReader, ReadError};
 use crate::outbox::{Batch, Close, Queued};
-use crate::sessions::{CLOSE_TOO_MANY_DEVICES, Device};
+use crate::sessions::{CLOSE_TOO_MANY_DEVICES, Device, Transport};
 use crate::state::Gateway;
 
 /// After our close frame, how long we keep reading for the client's close
@@ -28,11 +27,11 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// A write that makes no progress for this long means the peer is gone
 /// (or not reading: with the bounded kernel buffer below, a device that
 /// stops reading stalls its writer within a few events).
-const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Writing the close frame itself may stall only this long: a device
 /// closed for not reading will not read it either, and its socket should
 /// go at once rather than after a whole stall timeout.
-const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most buffers handed to one `writev` (Linux allows 1024).
 const MAX_IOVECS: usize = 64;
 
@@ -47,8 +46,14 @@ pub struct Request {
 
 pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
     let Request { user, token_expires_at, since } = req;
-    let (stream, pre_read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+    let (stream, pre_read) = match upgraded.downcast::<TokioIo<crate::takeover::Socket>>() {
+        Ok(parts) => match parts.io.into_inner().into_stream() {
+            Some(stream) => (stream, parts.read_buf),
+            None => {
+                tracing::error!("upgraded connection was taken over");
+                return;
+            }
+        },
         Err(_) => {
             tracing::error!("upgraded connection is not a TCP stream");
             return;
@@ -74,7 +79,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
     };
     let mut rd = AsyncReadExt::chain(std::io::Cursor::new(pre_read), rd);
 
-    let device = match gw.sessions.register(&user, token_expires_at) {
+    let device = match gw.sessions.register(&user, token_expires_at, Transport::WebSocket) {
         Ok(d) => d,
         Err(e) => {
             gw.metrics.opened_too_many_devices.increment(1);
@@ -163,7 +168,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
 /// closed with 1011 to reconnect later rather than silently miss events,
 /// and live events queued meanwhile are dropped: delivering them would
 /// move the client's next `since` past the gap.
-async fn recover(gw: &Gateway, device: &Device, since: &str) {
+pub(crate) async fn recover(gw: &Gateway, device: &Device, since: &str) {
     match gw.recoveries.replay(gw, &device.user, since).await {
         Ok(replay) => {
             let now = contract::event::now_micros();
@@ -226,7 +231,7 @@ fn event_id(frame: &[u8]) -> Option<&str> {
 }
 
 /// Reads and drops bytes until the peer closes or the linger time is up.
-async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+pub(crate) async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
     let mut scratch = [0u8; 256];
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         while let Ok(n) = rd.read(&mut scratch).await {
@@ -296,7 +301,7 @@ async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> bo
 
 /// Writes every buffer, `MAX_IOVECS` per syscall, each write bounded by
 /// the stall timeout.
-async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes], stall: Duration) -> std::io::Result<()> {
+pub(crate) async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes], stall: Duration) -> std::io::Result<()> {
     let mut start = 0;
     while start < bufs.len() {
         let end = (start + MAX_IOVECS).min(bufs.len());

@@ -1,5 +1,6 @@
 //! HTTP on the gateway port: the WebSocket endpoints (authenticated before
-//! any upgrade), `/v1/route`, `/metrics`, `/healthz` and `/readyz`.
+//! any upgrade) and the same paths as Server-Sent Events (`sse`),
+//! `/v1/route`, `/metrics`, `/healthz` and `/readyz`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,7 +13,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::state::{Gateway, SocketGuard};
-use crate::{connection, proxy};
+use crate::takeover::Takeover;
+use crate::{connection, proxy, sse};
 
 pub type Body = Full<Bytes>;
 
@@ -22,11 +24,22 @@ pub const WS_PATHS: [&str; 2] = ["/post/feed/posted", "/posts"];
 pub async fn handle(
     gw: Arc<Gateway>,
     guard: Arc<SocketGuard>,
+    takeover: Takeover,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     let resp = match (req.method(), path) {
+        // An upgrade request is a WebSocket whatever its `Accept` says.
+        (&Method::GET, p)
+            if WS_PATHS.contains(&p)
+                && !fastwebsockets::upgrade::is_upgrade_request(&req)
+                && sse::wants_event_stream(req.headers()) =>
+        {
+            sse::serve(gw, guard, takeover, req).await
+        }
         (&Method::GET, p) if WS_PATHS.contains(&p) => websocket(gw, guard, req).await,
+        // WebSocket handshakes have no preflight: this is for SSE.
+        (&Method::OPTIONS, p) if WS_PATHS.contains(&p) => sse::preflight(),
         (&Method::GET, "/v1/ring") => ring(&gw),
         (&Method::GET, "/v1/route") => route(&gw, &req),
         (&Method::GET, "/metrics") => {

@@ -1,4 +1,4 @@
-//! A gateway node: holds users' WebSocket devices, consumes the slots the
+//! A gateway node: holds users' devices (WebSocket or SSE), consumes the slots the
 //! ring gives it from RabbitMQ, and pushes every event to every device of
 //! each recipient.
 //!
@@ -22,6 +22,8 @@
 //! - [`membership`]: Redis heartbeats, evidence-based staleness, eviction,
 //!   the delivery lease.
 //! - [`proxy`]: a non-owner relays a device to its owner node.
+//! - [`sse`]: the same events as Server-Sent Events (stream, format, relay).
+//! - [`takeover`]: the accepted socket, which an SSE handler takes from hyper.
 //! - [`recovery`]: `?since=` replays, bounded, shared and queued.
 //! - [`keepalive`]: pings, silent-peer and token-expiry sweeps.
 //! - [`metrics`]: Prometheus names and handles.
@@ -47,7 +49,9 @@ pub mod recovery;
 pub mod routing;
 pub mod server;
 pub mod sessions;
+pub mod sse;
 pub mod state;
+pub mod takeover;
 
 pub use config::Config;
 pub use server::{run, serve};

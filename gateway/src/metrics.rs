@@ -8,6 +8,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::sessions::Transport;
+
 /// Latency buckets (seconds): fine below 20 ms, where the target is.
 /// Up to 30 s, so a backlog after a failover reads as what it is, not as
 /// "above 10 s".
@@ -90,6 +92,44 @@ pub struct Metrics {
     pub rss_bytes: Gauge,
     pub heap_allocated: Gauge,
     pub heap_resident: Gauge,
+    /// The device counts split by transport (WebSocket, SSE).
+    pub by_transport: PerTransport,
+}
+
+/// The metrics a transport has of its own.
+#[derive(Clone)]
+pub struct TransportMetrics {
+    pub connections: Gauge,
+    pub opened: Counter,
+    pub proxied: Gauge,
+}
+
+/// [`TransportMetrics`] for each transport.
+#[derive(Clone)]
+pub struct PerTransport {
+    ws: TransportMetrics,
+    sse: TransportMetrics,
+}
+
+impl PerTransport {
+    fn new() -> PerTransport {
+        let of = |t: Transport| {
+            let label = t.label();
+            TransportMetrics {
+                connections: gauge!("gateway_connections_by_transport", "transport" => label),
+                opened: counter!("gateway_connections_opened_by_transport_total", "transport" => label),
+                proxied: gauge!("gateway_proxied_connections_by_transport", "transport" => label),
+            }
+        };
+        PerTransport { ws: of(Transport::WebSocket), sse: of(Transport::Sse) }
+    }
+
+    pub fn of(&self, t: Transport) -> &TransportMetrics {
+        match t {
+            Transport::WebSocket => &self.ws,
+            Transport::Sse => &self.sse,
+        }
+    }
 }
 
 impl Metrics {
@@ -137,6 +177,7 @@ impl Metrics {
             rss_bytes: gauge!("gateway_process_rss_bytes"),
             heap_allocated: gauge!("gateway_heap_allocated_bytes"),
             heap_resident: gauge!("gateway_heap_resident_bytes"),
+            by_transport: PerTransport::new(),
         }
     }
 }
@@ -149,11 +190,23 @@ impl Default for Metrics {
 
 /// HELP text for every metric of the gateway (shown by `/metrics`).
 fn describe() {
-    describe_gauge!("gateway_connections", "WebSocket devices this node holds, proxied ones included.");
+    describe_gauge!("gateway_connections", "Devices (WebSocket and SSE) this node holds, proxied ones included.");
+    describe_gauge!(
+        "gateway_connections_by_transport",
+        "Devices this node holds by transport (ws, sse); they add up to gateway_connections."
+    );
+    describe_counter!(
+        "gateway_connections_opened_by_transport_total",
+        "Devices this node accepted (result ok), by transport (ws, sse)."
+    );
+    describe_gauge!(
+        "gateway_proxied_connections_by_transport",
+        "Devices this node relays to their owner node now, by transport (ws, sse)."
+    );
     describe_gauge!("gateway_users", "Distinct users with at least one device on this node.");
     describe_counter!(
         "gateway_connections_opened_total",
-        "WebSocket connection attempts by result: ok, or why the node refused it."
+        "Device connection attempts (WebSocket and SSE) by result: ok, or why the node refused it."
     );
     describe_counter!("gateway_connections_closed_total", "Devices the node closed, by reason.");
     describe_counter!("gateway_broker_messages_total", "Messages consumed from this node's RabbitMQ queue.");

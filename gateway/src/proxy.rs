@@ -34,35 +34,21 @@ pub async fn proxy(
     token: String,
     owner: Member,
 ) -> Response<Body> {
-    // Dial the owner's internal address when it has one: its advertised
-    // URL may be a client-facing wss:// one.
-    let dial = gw.dial_urls.read().get(&owner.node_id).cloned().unwrap_or_else(|| owner.url.clone());
-    let Some(hostport) = dial.strip_prefix("ws://").map(str::to_owned) else {
-        return message(StatusCode::BAD_GATEWAY, "owner node has no ws:// address (set its GATEWAY_INTERNAL_URL)");
-    };
     let Some(key) = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::to_owned) else {
         return message(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
     let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/posts".into());
-    let head = format!(
-        "GET {path} HTTP/1.1\r\nhost: {hostport}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
-         sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\nauthorization: Bearer {token}\r\n\
-         {PROXIED_HEADER}: {}\r\n\r\n",
-        gw.config.node_id()
-    );
-    let dial = async {
-        let mut s = TcpStream::connect(&hostport).await?;
-        s.set_nodelay(true)?;
-        s.write_all(head.as_bytes()).await?;
-        let (status, answer, rest) = read_head(&mut s).await?;
-        Ok::<_, std::io::Error>((s, status, answer, rest))
+    let node_id = gw.config.node_id().to_owned();
+    let head = |hostport: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: {hostport}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+             sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\nauthorization: Bearer {token}\r\n\
+             {PROXIED_HEADER}: {node_id}\r\n\r\n"
+        )
     };
-    let (mut upstream, status, answer, rest) = match tokio::time::timeout(OWNER_TIMEOUT, dial).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            return message(StatusCode::BAD_GATEWAY, &format!("owner node {} unreachable: {e}", owner.node_id));
-        }
-        Err(_) => return message(StatusCode::GATEWAY_TIMEOUT, &format!("owner node {} did not answer", owner.node_id)),
+    let Answer { stream: mut upstream, status, head: answer, rest } = match dial_owner(&gw, &owner, 101, head).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
     };
     if status != 101 {
         return refusal(status, &answer);
@@ -77,6 +63,7 @@ pub async fn proxy(
         let Ok(ws) = upgrade.await else { return };
         let mut client: TokioIo<hyper::upgrade::Upgraded> = ws.into_inner();
         task_gw.metrics.proxied.increment(1.0);
+        task_gw.metrics.by_transport.of(crate::sessions::Transport::WebSocket).proxied.increment(1.0);
         task_gw.metrics.proxied_total.increment(1);
         let mut frames = Boundary::default();
         frames.feed(&rest);
@@ -86,8 +73,51 @@ pub async fn proxy(
             let _ = relay(&task_gw, &mut client, &mut upstream, frames).await;
         }
         task_gw.metrics.proxied.decrement(1.0);
+        task_gw.metrics.by_transport.of(crate::sessions::Transport::WebSocket).proxied.decrement(1.0);
     });
     resp.map(|_| Full::new(Bytes::new()))
+}
+
+/// What the owner answered.
+pub(crate) struct Answer {
+    pub stream: TcpStream,
+    pub status: u16,
+    /// The answer head, and its body when the status was not the one
+    /// asked for.
+    pub head: String,
+    /// Bytes of the stream read past the head (after the status asked for).
+    pub rest: Vec<u8>,
+}
+
+/// Dials `owner` on its internal address (its advertised URL may be a
+/// client-facing wss:// one), sends the request head that `head` makes
+/// from the owner's `host:port`, and reads the answer head, all within
+/// `OWNER_TIMEOUT`. After status `ok` (101 for a WebSocket, 200 for an SSE
+/// stream) the stream goes on; any other answer is read with its body.
+/// The error is the answer to give the client.
+pub(crate) async fn dial_owner(
+    gw: &Gateway,
+    owner: &Member,
+    ok: u16,
+    head: impl FnOnce(&str) -> String,
+) -> Result<Answer, Response<Body>> {
+    let dial = gw.dial_urls.read().get(&owner.node_id).cloned().unwrap_or_else(|| owner.url.clone());
+    let Some(hostport) = dial.strip_prefix("ws://").map(str::to_owned) else {
+        return Err(message(StatusCode::BAD_GATEWAY, "owner node has no ws:// address (set its GATEWAY_INTERNAL_URL)"));
+    };
+    let head = head(&hostport);
+    let dial = async {
+        let mut s = TcpStream::connect(&hostport).await?;
+        s.set_nodelay(true)?;
+        s.write_all(head.as_bytes()).await?;
+        let (status, answer, rest) = read_head(&mut s, ok).await?;
+        Ok::<_, std::io::Error>(Answer { stream: s, status, head: answer, rest })
+    };
+    match tokio::time::timeout(OWNER_TIMEOUT, dial).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(message(StatusCode::BAD_GATEWAY, &format!("owner node {} unreachable: {e}", owner.node_id))),
+        Err(_) => Err(message(StatusCode::GATEWAY_TIMEOUT, &format!("owner node {} did not answer", owner.node_id))),
+    }
 }
 
 /// Headers of the owner's answer that describe its connection to us, not
@@ -98,7 +128,7 @@ const HOP_BY_HOP: [&str; 7] =
 /// The owner's refusal (401, 503, ...), passed on with its body and its
 /// end-to-end headers (`retry-after` above all, so clients back off as the
 /// owner asked).
-fn refusal(status: u16, answer: &str) -> Response<Body> {
+pub(crate) fn refusal(status: u16, answer: &str) -> Response<Body> {
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
     let mut resp = Response::new(Full::new(Bytes::from(body.to_owned())));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -118,7 +148,8 @@ fn refusal(status: u16, answer: &str) -> Response<Body> {
 }
 
 /// Reads an HTTP answer head: (status, head text, bytes read past it).
-async fn read_head(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)> {
+/// An answer other than `ok` is read with its (small, JSON) body.
+async fn read_head(s: &mut TcpStream, ok: u16) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     loop {
@@ -131,7 +162,7 @@ async fn read_head(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)>
             let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
             let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
             let mut rest = buf.split_off(end + 4);
-            if status != 101 {
+            if status != ok {
                 // Read the (small, JSON) body that follows a refusal.
                 let len = head
                     .lines()

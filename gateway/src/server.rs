@@ -136,11 +136,13 @@ fn accept(gw: &Arc<Gateway>, stream: TcpStream, ip: std::net::IpAddr) {
     let tasks = gw.tasks.clone();
     tasks.spawn(async move {
         let svc_gw = gw.clone();
-        let service = service_fn(move |req| http::handle(svc_gw.clone(), guard.clone(), req));
+        // Shared with the handlers, so an SSE stream can take it over.
+        let (socket, takeover) = crate::takeover::Socket::new(stream);
+        let service = service_fn(move |req| http::handle(svc_gw.clone(), guard.clone(), takeover.clone(), req));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(socket), service)
             .with_upgrades();
         tokio::pin!(conn);
         // Pending until hyper hands the upgraded socket over (the

@@ -14,11 +14,32 @@ use crate::outbox::{Close, Outbox, Push, Queued};
 /// Close code when a user already holds the maximum number of devices.
 pub const CLOSE_TOO_MANY_DEVICES: crate::close::CloseCode = crate::close::CloseCode::TooManyDevices;
 
+/// How a device is connected. Delivery never looks at it: every device's
+/// outbox holds the same encoded WebSocket frames, and an SSE device's
+/// writer re-frames them as it writes (see `sse`). Only metrics tell the
+/// transports apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    Sse,
+}
+
+impl Transport {
+    /// The `transport` label of the metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
 /// One connection of a user.
 #[derive(Debug)]
 pub struct Device {
     pub id: u64,
     pub user: Arc<str>,
+    pub transport: Transport,
     pub outbox: Outbox,
     /// Pings sent since the device last said anything; the reader resets it.
     pub missed_pings: AtomicU8,
@@ -56,11 +77,17 @@ impl Sessions {
         Sessions { users: DashMap::new(), next_id: AtomicU64::new(1), max_devices, send_queue, metrics }
     }
 
-    pub fn register(&self, user: &str, token_expires_at: u64) -> Result<Arc<Device>, TooManyDevices> {
+    pub fn register(
+        &self,
+        user: &str,
+        token_expires_at: u64,
+        transport: Transport,
+    ) -> Result<Arc<Device>, TooManyDevices> {
         let device = |user: Arc<str>| {
             Arc::new(Device {
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 user,
+                transport,
                 outbox: Outbox::new(self.send_queue),
                 missed_pings: AtomicU8::new(0),
                 token_expires_at,
@@ -84,6 +111,8 @@ impl Sessions {
             }
         };
         self.metrics.connections.increment(1.0);
+        self.metrics.by_transport.of(transport).connections.increment(1.0);
+        self.metrics.by_transport.of(transport).opened.increment(1);
         Ok(d)
     }
 
@@ -103,6 +132,7 @@ impl Sessions {
         }
         if removed {
             self.metrics.connections.decrement(1.0);
+            self.metrics.by_transport.of(device.transport).connections.decrement(1.0);
         }
     }
 
