@@ -15,7 +15,7 @@ use contract::ring::{Member, Ring};
 use contract::slot::slot_of;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 /// One dispatched block of the stream: an event, or a comment.
@@ -45,7 +45,11 @@ fn sse_head(path: &str, extra: &str) -> String {
 
 impl Sse {
     async fn request(addr: SocketAddr, head: &str) -> Sse {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        Sse::request_on(TcpStream::connect(addr).await.unwrap(), head).await
+    }
+
+    /// Like [`Sse::request`], on a socket the caller connected.
+    async fn request_on(mut s: TcpStream, head: &str) -> Sse {
         s.write_all(head.as_bytes()).await.unwrap();
         let mut sse = Sse { s, buf: Vec::new(), status: 0, head: String::new() };
         let end = loop {
@@ -344,6 +348,56 @@ async fn the_device_limit_counts_both_transports() {
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("already holds 2 devices"), "{body}");
     assert_eq!(node.gw.sessions.device_count_of(&user), 2);
+}
+
+#[tokio::test]
+async fn a_slow_sse_device_gets_4008_while_a_healthy_device_keeps_receiving() {
+    let node = Node::start(|c| c.send_queue = 16).await;
+    let user = unique("u");
+    let mut healthy = connect(&node, &user).await;
+    // The slow device reads nothing until told; a tiny receive buffer
+    // makes the backlog reach the gateway soon (as in `limits`).
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let mut slow = Sse::request_on(stream, &sse_head(&format!("/posts?token={}", token_for(&user)), "")).await;
+    assert_eq!(slow.status, 200);
+    wait_for("two devices", || async { node.gw.sessions.device_count_of(&user) == 2 }).await;
+
+    let (tx, mut healthy_ids) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(ev) = next_event_within(&mut healthy, WAIT).await {
+            if tx.send(ev.id).is_err() {
+                break;
+            }
+        }
+    });
+    // Publish until the node counts the slow device's overflow, then read
+    // it at once: a device that stays stuck for the whole write stall (5 s)
+    // is dropped without its close event.
+    let slow_closed = "gateway_connections_closed_total{reason=\"slow_consumer\"}";
+    let closed_before = common::raw::metric(node.addr, slow_closed).await;
+    let publisher = Publisher::new().await;
+    let big_text = "x".repeat(16 * 1024);
+    let mut ids = Vec::new();
+    while ids.len() % 8 != 0 || common::raw::metric(node.addr, slow_closed).await == closed_before {
+        assert!(ids.len() < 2000, "the slow device never overflowed");
+        let mut ev = post(&format!("{user}-{}", ids.len()));
+        ev.data.post_text = big_text.clone();
+        publisher.publish(&[&user], &ev).await;
+        ids.push(ev.id);
+    }
+    // The slow one finds a prefix of the events, then 4008.
+    let (events, code, _) = until_close(&mut slow).await;
+    assert_eq!(code, 4008);
+    let got: Vec<String> = events.into_iter().map(|b| b.id.unwrap()).collect();
+    assert!(got.len() < ids.len(), "the slow device lost its backlog");
+    assert_eq!(got, ids[..got.len()], "what did arrive is in order and without gaps");
+    let mut healthy_got = Vec::new();
+    while healthy_got.len() < ids.len() {
+        healthy_got.push(tokio::time::timeout(WAIT, healthy_ids.recv()).await.unwrap().expect("healthy events"));
+    }
+    assert_eq!(healthy_got, ids, "the healthy device got everything, in order");
 }
 
 #[tokio::test]
