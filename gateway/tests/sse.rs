@@ -494,7 +494,6 @@ async fn a_non_owner_relays_the_stream_and_its_shutdown_sends_1001() {
         .find(|u| ring.owner(slot_of(u)).unwrap().node_id == owner.id)
         .unwrap();
 
-    // A refusal by the owner comes back as it is.
     let bad = sse_head("/posts?token=x", "");
     assert_eq!(refused(relay.addr, &bad).await.0, 401, "refused at the relay itself");
     let mut sse = Sse::open(relay.addr, &user, "", "").await;
@@ -512,6 +511,17 @@ async fn a_non_owner_relays_the_stream_and_its_shutdown_sends_1001() {
     for p in &posts {
         assert_eq!(sse.next_event().await.id.as_deref(), Some(p.id.as_str()));
     }
+    // A refusal by the owner comes back as it is: the user's device limit
+    // (10 by default) is the owner's.
+    let mut more = Vec::new();
+    for _ in 1..10 {
+        more.push(Sse::open(relay.addr, &user, "", "").await);
+    }
+    let (status, body, over) = refused(relay.addr, &sse_head(&format!("/posts?token={}", token_for(&user)), "")).await;
+    assert_eq!((status, body.contains("already holds 10 devices")), (429, true), "{body}");
+    assert_eq!(over.header("access-control-allow-origin").as_deref(), Some("*"));
+    drop(more);
+
     // The relaying node stops: its relayed device is told to reconnect.
     relay.signal("-TERM");
     let (_, code, _) = until_close(&mut sse).await;
