@@ -100,6 +100,12 @@ pub struct Config {
     #[arg(long, env = "LOGIN_THROTTLE_PER_ADDRESS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub login_throttle_per_address: bool,
 
+    /// The gateway URL the page at `/` gives its browsers (`ws://` or
+    /// `wss://`, as they reach it, not as this process does). The default
+    /// is the gateway `scripts/run.sh` starts.
+    #[arg(long, env = "GATEWAY_PUBLIC_URL", default_value = "ws://127.0.0.1:8084", global = true)]
+    pub gateway_public_url: String,
+
     /// How long shutdown waits for requests in flight.
     #[arg(long, env = "BACKEND_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
@@ -160,6 +166,12 @@ impl Config {
         if self.header_read_timeout.is_zero() || self.request_timeout.is_zero() {
             return Err("BACKEND_HEADER_READ_TIMEOUT and BACKEND_REQUEST_TIMEOUT must be positive".into());
         }
+        if !self.gateway_public_url.starts_with("ws://") && !self.gateway_public_url.starts_with("wss://") {
+            return Err(format!(
+                "GATEWAY_PUBLIC_URL (--gateway-public-url) {:?} must be a ws:// or wss:// URL",
+                self.gateway_public_url
+            ));
+        }
         if self.token_ttl.is_zero() {
             return Err("TOKEN_TTL (--token-ttl) must be positive".into());
         }
@@ -203,6 +215,8 @@ mod tests {
         assert!(with("--redis-url", "nope://").unwrap_err().contains("REDIS_URL"));
         assert!(with("--database-url", "postgres://host:notaport/db").unwrap_err().contains("DATABASE_URL"));
         assert!(with("--listen", "0.0.0.0:8080").is_ok());
+        assert!(with("--gateway-public-url", "http://x").unwrap_err().contains("GATEWAY_PUBLIC_URL"));
+        assert!(with("--gateway-public-url", "wss://feed.example").is_ok());
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub fn router(backend: AppState) -> Router {
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .merge(crate::web::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         // At most max_in_flight at once, the rest shed at once (503), and
@@ -122,6 +123,7 @@ pub fn metrics_router(backend: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .merge(crate::web::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(backend)
 }

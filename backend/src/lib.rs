@@ -17,6 +17,7 @@
 //! - [`error`]: the API's errors and their HTTP answers.
 //! - [`metrics`]: Prometheus names and handles.
 //! - [`state`]: what the parts share.
+//! - [`web`]: the demo page at `/` and its `/config.json`.
 
 pub mod broker;
 pub mod config;
@@ -36,6 +37,7 @@ pub mod state;
 pub mod throttle;
 pub mod users;
 pub mod validate;
+pub mod web;
 
 pub use config::Config;
 pub use server::{run, run_workers, serve};
