@@ -9,5 +9,6 @@ cargo clippy --workspace --all-targets -- -D warnings   # lints: [workspace.lint
 bash scripts/services.sh
 bash scripts/nchan.sh ensure   # nginx + Nchan for loadtest/tests/nchan.rs: cargo test installs nothing, it fails without them
 cargo test --workspace --all-targets
+bash scripts/browser-test.sh   # the JS client against real processes, the page in Chromium (~2 min; installs chromium, npm ci)
 bash scripts/check-compose.sh   # docker-compose.yml, Prometheus and Grafana config (no Docker needed)
 bash scripts/check-panels.sh   # every dashboard query against a real Prometheus, stack and load run (~2 min)
