@@ -220,7 +220,9 @@ export class FeedClient {
     conn.opened = true;
     conn.openedAt = Date.now();
     this.everOpened = true;
-    this.wsFailures = 0;
+    // Only a WebSocket that opened clears the count: once on SSE, the client
+    // stays there (a proxy that broke the upgrade will break it again).
+    if (conn.transport === 'websocket') this.wsFailures = 0;
     this.#later(STABLE_AFTER_MS, () => {
       if (this.conn === conn && !conn.closed) this.#stable();
     });

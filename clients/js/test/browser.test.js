@@ -3,7 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { startStack, waitFor, mintToken, unique } from './stack.js';
+import { startStack, waitFor } from './stack.js';
 import { launch, openUser, follow, post, shown, connLabel } from './pages.js';
 
 /** The issue's bound for a live post to show on the follower's page. */
@@ -19,14 +19,6 @@ after(async () => {
   await browser?.close();
   await stack?.stop();
 });
-
-/** Does the gateway speak SSE yet? (It arrives with its own branch.) */
-async function gatewaySpeaksSse() {
-  const token = mintToken(unique('probe'));
-  const resp = await fetch(`${stack.gw.httpUrl}/posts?token=${token}`, { headers: { accept: 'text/event-stream' } });
-  await resp.body?.cancel();
-  return resp.ok && (resp.headers.get('content-type') || '').startsWith('text/event-stream');
-}
 
 async function scenario(t, options) {
   const alice = await openUser(browser, stack.backend, 'Alice', options);
@@ -80,17 +72,9 @@ test('WebSocket: a post shows live within a second; a node restart loses nothing
 });
 
 test('SSE, with WebSocket deleted from the page: the same', async (t) => {
-  if (!(await gatewaySpeaksSse())) {
-    t.skip('this gateway has no Server-Sent Events yet');
-    return;
-  }
   await scenario(t, { noWebSocket: true });
 });
 
 test('SSE after WebSocket keeps failing to open (a proxy breaking the upgrade): the same', async (t) => {
-  if (!(await gatewaySpeaksSse())) {
-    t.skip('this gateway has no Server-Sent Events yet');
-    return;
-  }
   await scenario(t, { brokenWebSocket: true });
 });

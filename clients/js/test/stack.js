@@ -60,7 +60,12 @@ function vhost() {
   const name = `${VHOST_PREFIX}${process.pid}`;
   for (const old of rabbitmqctl('list_vhosts', '-q', '--no-table-headers', 'name').split('\n')) {
     const pid = old.startsWith(VHOST_PREFIX) ? Number(old.slice(VHOST_PREFIX.length)) : NaN;
-    if (pid && pid !== process.pid && !existsSync(`/proc/${pid}`)) rabbitmqctl('delete_vhost', old);
+    if (pid && pid !== process.pid && !existsSync(`/proc/${pid}`)) {
+      // Best effort: a concurrent test process may be deleting it too.
+      try {
+        rabbitmqctl('delete_vhost', old);
+      } catch {}
+    }
   }
   if (!rabbitmqctl('list_vhosts', '-q', '--no-table-headers', 'name').split('\n').includes(name)) {
     rabbitmqctl('add_vhost', name);
