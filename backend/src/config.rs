@@ -106,6 +106,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PUBLIC_URL", default_value = "ws://127.0.0.1:8084", global = true)]
     pub gateway_public_url: String,
 
+    /// The gateways' ping interval, for the page's client: silence for two
+    /// of them means a dead connection. The same variable as the gateway's,
+    /// so one environment serves both.
+    #[arg(long, env = "GATEWAY_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
+    pub gateway_ping_interval: Duration,
+
     /// How long shutdown waits for requests in flight.
     #[arg(long, env = "BACKEND_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
@@ -171,6 +177,9 @@ impl Config {
                 "GATEWAY_PUBLIC_URL (--gateway-public-url) {:?} must be a ws:// or wss:// URL",
                 self.gateway_public_url
             ));
+        }
+        if self.gateway_ping_interval.is_zero() {
+            return Err("GATEWAY_PING_INTERVAL (--gateway-ping-interval) must be positive".into());
         }
         if self.token_ttl.is_zero() {
             return Err("TOKEN_TTL (--token-ttl) must be positive".into());

@@ -39,5 +39,8 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 
 /// What the page needs to know that only the deployment knows.
 async fn config(State(backend): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "gateway_url": backend.config.gateway_public_url }))
+    Json(serde_json::json!({
+        "gateway_url": backend.config.gateway_public_url,
+        "ping_interval_ms": backend.config.gateway_ping_interval.as_millis() as u64,
+    }))
 }

@@ -86,7 +86,13 @@ async function showPost({ id, text, author_user_id }, top, fresh) {
   author.textContent = await nameOf(author_user_id);
 }
 
+/** The last states, for whoever debugs the page (and its tests). */
+const STATES_KEPT = 50;
+window.feedStates = [];
+
 function showState(state, detail) {
+  window.feedStates.push({ state, ...detail });
+  if (window.feedStates.length > STATES_KEPT) window.feedStates.shift();
   const conn = $('#conn');
   conn.dataset.state = state;
   conn.dataset.transport = detail.transport || '';
@@ -137,9 +143,10 @@ async function startFeed() {
   $('#feed').replaceChildren();
   for (const p of posts) showPost(p, false, false);
   $('#feed-empty').hidden = posts.length > 0;
-  const { gateway_url } = await (await fetch('/config.json')).json();
+  const { gateway_url, ping_interval_ms } = await (await fetch('/config.json')).json();
   client = new FeedClient({
     url: gateway_url,
+    pingIntervalMs: ping_interval_ms,
     // The page shows the feed up to posts[0]: the gateway replays what
     // came after it, and the client drops what the page already has.
     since: posts[0]?.id,

@@ -58,12 +58,13 @@ export async function follow(who, target) {
   await who.page.waitForSelector(`#people li[data-id="${target.id}"] button:disabled`);
 }
 
-/** Posts through the form and waits until the API took it. */
+/** Posts through the form, waits until the API took it, returns when (ms) it did. */
 export async function post(who, text) {
   await who.page.fill('#post-form textarea', text);
   const created = who.page.waitForResponse((r) => r.url().endsWith('/post/create') && r.ok());
   await who.page.click('#post-form button');
   await created;
+  return Date.now();
 }
 
 /** How many times the feed on `who`'s page shows `text`. */

@@ -150,6 +150,7 @@ export class Backend extends Proc {
       ARGON2_MEMORY_KIB: '64',
       ARGON2_ITERATIONS: '1',
       GATEWAY_PUBLIC_URL: gatewayUrl,
+      GATEWAY_PING_INTERVAL: `${PING_INTERVAL_MS}ms`,
       // The worker metrics listener is unused here but must not collide.
       BACKEND_WORKER_METRICS_LISTEN: '127.0.0.1:0',
     });
