@@ -149,6 +149,10 @@ async fn consume(gw: &Arc<Gateway>, url: &str, backoff: &mut Duration, life: &mu
     life.consumed = Some((incarnation, None));
     gw.broker_ready.store(true, Ordering::Relaxed);
     gw.joined.store(true, Ordering::Relaxed);
+    if !gw.serving.load(Ordering::Acquire) {
+        // Announced from the next beat on; serving once the peers agree.
+        gw.tasks.spawn(crate::handover::serve_when_peers_agree(gw.clone()));
+    }
     *backoff = MIN_BACKOFF;
     tracing::info!(queue, "consuming");
 

@@ -95,8 +95,14 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
     // The ring may have moved this user between the ownership check and
     // the registration; a reconcile that ran before it did not see this
     // device, so check again now that it is visible.
-    if let Some((false, owner)) = gw.owner_of(&user) {
-        device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url });
+    match gw.owner_of(&user) {
+        Some((true, _)) => {}
+        Some((false, owner)) => {
+            device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url })
+        }
+        None => {
+            device.outbox.close(Close::Frame { code: CloseCode::GoingAway, reason: "node rejoining, reconnect".into() })
+        }
     }
     if let Some(since) = since {
         // Boxed, like every rare await here: a connection's task is as big

@@ -90,14 +90,23 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
     // has not bound: events for that user would not reach it. So when a
     // proxied request arrives while the rings disagree (the proxy reconciled
     // first), the client is asked to retry in a moment.
-    if let Some((false, owner)) = gw.owner_of(&claims.sub) {
-        if req.headers().contains_key(proxy::PROXIED_HEADER) {
-            let mut resp = message(StatusCode::SERVICE_UNAVAILABLE, "ring is changing, retry");
+    match gw.owner_of(&claims.sub) {
+        Some((true, _)) => {}
+        Some((false, owner)) => {
+            if req.headers().contains_key(proxy::PROXIED_HEADER) {
+                let mut resp = message(StatusCode::SERVICE_UNAVAILABLE, "ring is changing, retry");
+                resp.headers_mut().insert("retry-after", "1".parse().expect("static"));
+                return resp;
+            }
+            let token = token::extract(req.headers(), req.uri().query()).unwrap_or_default().to_owned();
+            return proxy::proxy(gw, guard, req, token, owner).await;
+        }
+        // Joining (see `handover`) with nobody else to hand over to.
+        None => {
+            let mut resp = message(StatusCode::SERVICE_UNAVAILABLE, "node is joining the ring, retry");
             resp.headers_mut().insert("retry-after", "1".parse().expect("static"));
             return resp;
         }
-        let token = token::extract(req.headers(), req.uri().query()).unwrap_or_default().to_owned();
-        return proxy::proxy(gw, guard, req, token, owner).await;
     }
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,

@@ -19,6 +19,8 @@
 //! - [`routing`]: where one recipient goes (here, re-publish, misrouted).
 //! - [`dispatch`]: one message to the sessions; one-hop re-publish.
 //! - [`departed`]: survivors drain a departed queue, then delete it.
+//! - [`handover`]: a (re)joined node serves its users only once every
+//!   peer routes them to it.
 //! - [`membership`]: Redis heartbeats, evidence-based staleness, eviction,
 //!   the delivery lease.
 //! - [`proxy`]: a non-owner relays a device to its owner node.
@@ -38,6 +40,7 @@ pub mod connection;
 pub mod departed;
 pub mod dispatch;
 pub mod frame;
+pub mod handover;
 pub mod http;
 pub mod keepalive;
 pub mod membership;

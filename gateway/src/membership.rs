@@ -131,6 +131,8 @@ pub async fn run(gw: Arc<Gateway>) {
         let ring = Ring::new(gw.config.static_members.clone());
         gw.wanted.send_replace(Some(View::fixed(ring)));
         gw.lease.forever();
+        // Every node computes the same fixed ring: nobody to wait for.
+        gw.serve();
         gw.membership_ready.store(true, Ordering::Relaxed);
         // Nothing to beat; ending now would look like a failure.
         gw.shutdown.cancelled().await;

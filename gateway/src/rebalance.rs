@@ -124,7 +124,7 @@ pub async fn adopt(
 fn adopt_ring(gw: &Gateway, ring: Arc<Ring>) {
     gw.metrics.ring_members.set(ring.members().len() as f64);
     gw.metrics.owned_slots.set(ring.slots_of(gw.config.node_id()).len() as f64);
-    *gw.ring.write() = ring;
+    gw.set_ring(ring);
 }
 
 /// Closes, with 4001 and the new owner's URL, every device whose user this

@@ -31,6 +31,12 @@ pub struct Gateway {
     /// replaces it, after binding the new slots (make before break).
     /// Readers clone the `Arc` and let go of the lock at once.
     pub ring: RwLock<Arc<Ring>>,
+    /// `ring` without this node: the owners a node that does not serve yet
+    /// hands its users over to (see `handover`).
+    handover: RwLock<Arc<Ring>>,
+    /// Set once every peer routes this node's slots to it (`handover`);
+    /// until then it serves no device. Cleared when the node is fenced.
+    pub serving: AtomicBool,
     /// The view membership asks for; `None` until membership was read once.
     pub wanted: tokio::sync::watch::Sender<Option<View>>,
     /// This node's current incarnation (see `membership`); replaced when
@@ -87,6 +93,8 @@ impl Gateway {
             prometheus,
             metrics,
             ring: RwLock::new(Arc::new(ring)),
+            handover: RwLock::new(Arc::new(Ring::new(Vec::<Member>::new()))),
+            serving: AtomicBool::new(false),
             wanted: tokio::sync::watch::channel(None).0,
             incarnation: tokio::sync::watch::channel(contract::event::now_micros()).0,
             lease: Lease::new(),
@@ -115,6 +123,17 @@ impl Gateway {
         self.ring.read().clone()
     }
 
+    /// Makes `ring` the one this node acts on (after binding its slots).
+    pub fn set_ring(&self, ring: Arc<Ring>) {
+        *self.handover.write() = crate::handover::without(&ring, self.config.node_id());
+        *self.ring.write() = ring;
+    }
+
+    /// Every peer routes this node's slots to it: it serves its users.
+    pub fn serve(&self) {
+        self.serving.store(true, Ordering::Release);
+    }
+
     pub fn incarnation(&self) -> u64 {
         *self.incarnation.borrow()
     }
@@ -134,13 +153,14 @@ impl Gateway {
     /// predecessor's.
     pub fn fence(&self, why: &str) {
         self.lease.expire();
+        self.serving.store(false, Ordering::Release);
         self.joined.store(false, Ordering::Relaxed);
         self.broker_ready.store(false, Ordering::Relaxed);
         let me = self.config.node_id();
         let ring = self.ring();
         let others: Vec<Member> = ring.members().iter().filter(|m| m.node_id != me).cloned().collect();
         if !others.is_empty() {
-            *self.ring.write() = Arc::new(Ring::new(others));
+            self.set_ring(Arc::new(Ring::new(others)));
         }
         let closed = self.sessions.close_where(
             |_| true,
@@ -196,11 +216,22 @@ impl Gateway {
     }
 
     /// The owner of a user's slot under the current ring, and whether it is
-    /// this node. `None` when the ring is empty.
+    /// this node. A node that does not serve yet (`handover`) names the
+    /// owner the others still route the user to. `None` when nobody can
+    /// serve the user now (the ring is empty, or this node is its only
+    /// member and does not serve yet): the client retries.
     pub fn owner_of(&self, user: &str) -> Option<(bool, Member)> {
+        let slot = contract::slot::slot_of(user);
         let ring = self.ring();
-        let owner = ring.owner(contract::slot::slot_of(user))?;
-        Some((owner.node_id == self.config.node_id(), owner.clone()))
+        let owner = ring.owner(slot)?;
+        if owner.node_id != self.config.node_id() {
+            return Some((false, owner.clone()));
+        }
+        if self.serving.load(Ordering::Acquire) {
+            return Some((true, owner.clone()));
+        }
+        let handover = self.handover.read().clone();
+        handover.owner(slot).map(|m| (false, m.clone()))
     }
 }
 
