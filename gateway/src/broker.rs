@@ -16,16 +16,15 @@ use std::time::Duration;
 
 use contract::topology::{self, NODE_QUEUE_MESSAGE_TTL, node_queue};
 use futures_util::{FutureExt, StreamExt};
-use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::time::Instant;
 
-use crate::dispatch::{confirmed, dispatch, republish};
+use crate::acks::{Acks, Settle};
+use crate::dispatch::{dispatch, republish};
 pub use crate::rebalance::CLOSE_MOVED;
 use crate::rebalance::{Rebalance, adopt};
 use crate::routing::Source;
@@ -36,8 +35,6 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reconnect attempts: short, since devices are
 /// waiting on this node for their events.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// Acknowledge at most this many deliveries in one `multiple` ack.
-const ACK_BATCH: u64 = 64;
 /// How often a consumer whose lease lapsed looks again.
 const LEASE_POLL: Duration = Duration::from_millis(50);
 /// A consumer away longer than this may have had messages expire in its
@@ -156,13 +153,17 @@ async fn consume(gw: &Arc<Gateway>, url: &str, backoff: &mut Duration, life: &mu
     *backoff = MIN_BACKOFF;
     tracing::info!(queue, "consuming");
 
-    let mut unacked: Option<(Delivery, u64)> = None;
+    // Acks (after re-publish confirms) are settled off this loop, in order.
+    let acks = Acks::start(gw.config.prefetch as usize);
     loop {
         // The stop, a fence and a ring change are looked at on every turn,
         // even when messages never stop coming (the select below runs only
         // in a lull).
         if gw.stop_consuming.is_cancelled() {
-            return stop(gw, conn, &ch, &queue, unacked).await;
+            return stop(gw, conn, &ch, &queue, acks).await;
+        }
+        if acks.failed().is_cancelled() {
+            return Err(anyhow::anyhow!("acknowledging deliveries failed").into());
         }
         if incarnations.has_changed().unwrap_or(true) {
             let _ = conn.close(200, "fenced".into()).await;
@@ -194,10 +195,6 @@ async fn consume(gw: &Arc<Gateway>, url: &str, backoff: &mut Duration, life: &mu
         let next = match consumer.next().now_or_never() {
             Some(item) => item,
             None => {
-                // Acknowledge when the stream has nothing ready.
-                if let Some((d, _)) = unacked.take() {
-                    d.ack(BasicAckOptions { multiple: true }).await?;
-                }
                 // `changed` marks the value seen: it is handled right here.
                 tokio::select! {
                     item = consumer.next() => item,
@@ -214,6 +211,7 @@ async fn consume(gw: &Arc<Gateway>, url: &str, backoff: &mut Duration, life: &mu
                         return Err(Ended::Fenced);
                     }
                     _ = gw.stop_consuming.cancelled() => continue,
+                    _ = acks.failed().cancelled() => continue,
                 }
             }
         };
@@ -225,35 +223,19 @@ async fn consume(gw: &Arc<Gateway>, url: &str, backoff: &mut Duration, life: &mu
         };
         if !gw.lease.holds() {
             // Not delivered: it comes again, here or to whoever takes over.
-            if let Some((d, _)) = unacked.take() {
-                d.ack(BasicAckOptions { multiple: true }).await?;
-            }
-            delivery.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await?;
+            acks.push(delivery.acker, Settle::Requeue).await?;
             continue;
         }
-        match dispatch(gw, &delivery, Source::Bound) {
-            Some(others) => {
-                if !others.is_empty() {
-                    // Confirmed before the original is acked (a multiple ack
-                    // would cover it otherwise). Rare: stale ring views only.
-                    confirmed(republish(gw, &pub_ch, &delivery, &others, Source::Bound).await?).await?;
-                }
-                let count = unacked.as_ref().map_or(0, |(_, n)| *n) + 1;
-                if count >= ACK_BATCH {
-                    delivery.ack(BasicAckOptions { multiple: true }).await?;
-                    unacked = None;
-                } else {
-                    unacked = Some((delivery, count));
-                }
+        let settle = match dispatch(gw, &delivery, Source::Bound) {
+            // Rare: stale ring views only. Acked once confirmed, by `acks`.
+            Some(others) if !others.is_empty() => {
+                Settle::AckAfter(republish(gw, &pub_ch, &delivery, &others, Source::Bound).await?)
             }
-            None => {
-                // Unreadable: requeueing would loop forever. Counted and logged.
-                if let Some((d, _)) = unacked.take() {
-                    d.ack(BasicAckOptions { multiple: true }).await?;
-                }
-                delivery.reject(BasicRejectOptions { requeue: false }).await?;
-            }
-        }
+            Some(_) => Settle::Ack,
+            // Unreadable: requeueing would loop forever. Counted and logged.
+            None => Settle::Reject,
+        };
+        acks.push(delivery.acker, settle).await?;
     }
 }
 
@@ -277,16 +259,8 @@ fn is_not_found(e: &lapin::Error) -> bool {
 }
 
 /// A clean stop: ack what was delivered, leave, close the connection.
-async fn stop(
-    gw: &Gateway,
-    conn: Connection,
-    ch: &Channel,
-    queue: &str,
-    unacked: Option<(Delivery, u64)>,
-) -> Result<(), Ended> {
-    if let Some((d, _)) = unacked {
-        let _ = d.ack(BasicAckOptions { multiple: true }).await;
-    }
+async fn stop(gw: &Gateway, conn: Connection, ch: &Channel, queue: &str, acks: Acks) -> Result<(), Ended> {
+    acks.finish().await;
     leave(gw, ch, queue).await;
     let _ = conn.close(200, "gateway shutting down".into()).await;
     Ok(())

@@ -34,7 +34,8 @@ use contract::membership::{HEARTBEAT_INTERVAL, PUBLISHER_GRACE};
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
 
-use crate::dispatch::{confirmed, dispatch, republish};
+use crate::acks::confirmed;
+use crate::dispatch::{dispatch, republish};
 use crate::routing::Source;
 use crate::state::Gateway;
 use crate::{bindings, broker};

@@ -115,14 +115,3 @@ pub async fn republish(
     }
     Ok(confirms)
 }
-
-/// Waits for re-publish confirms; a nack is an error (the original is
-/// then not acked, and comes again after a reconnect).
-pub async fn confirmed(confirms: Vec<lapin::PublisherConfirm>) -> anyhow::Result<()> {
-    for c in confirms {
-        if c.await?.is_nack() {
-            anyhow::bail!("broker refused a re-publish");
-        }
-    }
-    Ok(())
-}

@@ -13,6 +13,7 @@
 //! - [`sessions`]: user id to live devices (DashMap), delivery.
 //! - [`broker`]: the RabbitMQ connection: connect, declare, consume, ack;
 //!   fences the node when its queue was lost.
+//! - [`acks`]: the consumer's acks, in order, after re-publish confirms.
 //! - [`bindings`]: a queue's slot bindings.
 //! - [`rebalance`]: adopting a new view of the ring, make before break,
 //!   with the take-over of departed incarnations' queues.
@@ -31,6 +32,7 @@
 //! - [`metrics`]: Prometheus names and handles.
 //! - [`state`]: what the parts share.
 
+pub mod acks;
 pub mod admission;
 pub mod bindings;
 pub mod broker;
