@@ -16,9 +16,7 @@ use std::time::Duration;
 
 use contract::topology::{self, NODE_QUEUE_MESSAGE_TTL, node_queue};
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::time::Instant;
@@ -26,7 +24,7 @@ use tokio::time::Instant;
 use crate::acks::{Acks, Settle};
 use crate::dispatch::{dispatch, republish};
 pub use crate::rebalance::CLOSE_MOVED;
-use crate::rebalance::{Rebalance, adopt};
+use crate::rebalance::{Rebalance, adopt, queue_exists};
 use crate::routing::Source;
 use crate::state::Gateway;
 
@@ -237,25 +235,6 @@ async fn consume(gw: &Arc<Gateway>, url: &str, backoff: &mut Duration, life: &mu
         };
         acks.push(delivery.acker, settle).await?;
     }
-}
-
-/// Whether `queue` exists, asked on a channel of its own (the broker
-/// answers "no" by closing the channel).
-async fn queue_exists(conn: &Connection, queue: &str) -> lapin::Result<bool> {
-    let ch = conn.create_channel().await?;
-    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    match ch.queue_declare(queue.into(), passive, FieldTable::default()).await {
-        Ok(_) => {
-            let _ = ch.close(200, "checked".into()).await;
-            Ok(true)
-        }
-        Err(e) if is_not_found(&e) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-fn is_not_found(e: &lapin::Error) -> bool {
-    e.to_string().contains("NOT_FOUND") || e.to_string().contains("404")
 }
 
 /// A clean stop: ack what was delivered, leave, close the connection.

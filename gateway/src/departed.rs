@@ -62,15 +62,21 @@ pub struct Departed {
     /// that another survivor already deleted by closing the channel.
     ch: Channel,
     pub_ch: Channel,
+    /// Where this take-over is listed until its queue is deleted.
+    unfinished: crate::rebalance::Unfinished,
 }
 
 impl Departed {
     /// Opens the channels the take-over uses.
-    pub async fn open(conn: &Connection, queue: String) -> lapin::Result<Departed> {
+    pub async fn open(
+        conn: &Connection,
+        queue: String,
+        unfinished: crate::rebalance::Unfinished,
+    ) -> lapin::Result<Departed> {
         let ch = conn.create_channel().await?;
         let pub_ch = conn.create_channel().await?;
         pub_ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Departed { queue, ch, pub_ch })
+        Ok(Departed { queue, ch, pub_ch, unfinished })
     }
 
     pub fn queue(&self) -> &str {
@@ -92,7 +98,7 @@ impl Departed {
     /// deletes it, in the background.
     pub fn drain_later(self, gw: Arc<Gateway>) {
         gw.clone().tasks.spawn(async move {
-            let Departed { queue, ch, pub_ch } = self;
+            let Departed { queue, ch, pub_ch, unfinished } = self;
             let until = tokio::time::Instant::now() + DRAIN_DELAY;
             let mut total = 0;
             let result = loop {
@@ -113,7 +119,17 @@ impl Departed {
                 Ok(()) => tracing::info!(queue, drained = total, "took over a departed node's queue"),
                 Err(e) => tracing::debug!(queue, "departed queue not drained (another survivor may have): {e}"),
             }
-            let _ = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+            // Finished once the queue is gone. When the broker connection
+            // went meanwhile, the next one resumes the take-over.
+            match ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
+                Ok(_) => {
+                    unfinished.lock().remove(&queue);
+                }
+                Err(e) if crate::rebalance::is_not_found(&e) => {
+                    unfinished.lock().remove(&queue);
+                }
+                Err(e) => tracing::debug!(queue, "departed queue not deleted: {e}"),
+            }
             let _ = ch.close(200, "departed queue taken over".into()).await;
             let _ = pub_ch.close(200, "departed queue taken over".into()).await;
         });

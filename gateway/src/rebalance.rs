@@ -9,6 +9,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use parking_lot::Mutex;
+
 use contract::ring::Ring;
 use contract::slot::{SLOTS, slot_of};
 use contract::topology::node_queue;
@@ -37,7 +41,14 @@ pub struct Rebalance {
     pub bound: Option<BTreeSet<u16>>,
     /// Queues whose take-over was started, oldest first.
     taken: Vec<String>,
+    /// Take-overs started and not finished (the queue not deleted yet),
+    /// shared with their drain tasks: when the broker connection is lost
+    /// during one, it is opened again on the next connection.
+    unfinished: Unfinished,
 }
+
+/// Take-overs not finished yet (see `departed`), at most `MAX_TAKEN`.
+pub type Unfinished = Arc<Mutex<BTreeSet<String>>>;
 
 impl Rebalance {
     /// A new broker connection: the queue's bindings are not known.
@@ -66,7 +77,19 @@ impl Rebalance {
             }
             self.taken.push(q.clone());
         }
+        let mut unfinished = self.unfinished.lock();
+        for q in &gone {
+            if unfinished.len() < MAX_TAKEN {
+                unfinished.insert(q.clone());
+            }
+        }
         gone
+    }
+
+    /// On a new connection: the take-overs the last one did not finish
+    /// (their drain ended with the connection), other than `starting`.
+    fn interrupted(&self, starting: &[String]) -> Vec<String> {
+        self.unfinished.lock().iter().filter(|q| !starting.contains(q)).cloned().collect()
     }
 }
 
@@ -89,8 +112,20 @@ pub async fn adopt(
     // binds their slots it unbinds them there; what was routed only to
     // them is drained and delivered later (see `departed`).
     let mut departed = Vec::new();
-    for q in state.departed(gw, &to) {
-        departed.push(Departed::open(conn, q).await?);
+    let gone = state.departed(gw, &to);
+    // A new connection (bindings unknown) also resumes the take-overs the
+    // last one left unfinished, if their queue is still there.
+    let resumed = if state.bound.is_none() { state.interrupted(&gone) } else { Vec::new() };
+    for q in resumed {
+        if queue_exists(conn, &q).await? {
+            tracing::info!(queue = q, "resuming a take-over the lost broker connection interrupted");
+            departed.push(Departed::open(conn, q, state.unfinished.clone()).await?);
+        } else {
+            state.unfinished.lock().remove(&q);
+        }
+    }
+    for q in gone {
+        departed.push(Departed::open(conn, q, state.unfinished.clone()).await?);
     }
     let handovers = gained.iter().map(|&s| {
         let departed = &departed;
@@ -118,6 +153,25 @@ pub async fn adopt(
     state.view = Some(to);
     state.bound = Some(owned);
     Ok(())
+}
+
+/// Whether `queue` exists, asked on a channel of its own (the broker
+/// answers "no" by closing the channel).
+pub async fn queue_exists(conn: &Connection, queue: &str) -> lapin::Result<bool> {
+    let ch = conn.create_channel().await?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    match ch.queue_declare(queue.into(), passive, FieldTable::default()).await {
+        Ok(_) => {
+            let _ = ch.close(200, "checked".into()).await;
+            Ok(true)
+        }
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    e.to_string().contains("NOT_FOUND") || e.to_string().contains("404")
 }
 
 /// Makes `ring` the one this node acts on.
