@@ -101,12 +101,17 @@ pub async fn serve(
         }
     };
     // Not the owner: relay to it (see the WebSocket path in `http`).
-    if let Some((false, owner)) = gw.owner_of(&claims.sub) {
-        if req.headers().contains_key(PROXIED_HEADER) {
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "ring is changing, retry");
+    match gw.owner_of(&claims.sub) {
+        Some((true, _)) => {}
+        Some((false, owner)) => {
+            if req.headers().contains_key(PROXIED_HEADER) {
+                return refuse(StatusCode::SERVICE_UNAVAILABLE, "ring is changing, retry");
+            }
+            let token = token::extract(req.headers(), req.uri().query()).unwrap_or_default().to_owned();
+            return relay::relay(gw, guard, takeover, &req, &token, owner, since.as_deref()).await;
         }
-        let token = token::extract(req.headers(), req.uri().query()).unwrap_or_default().to_owned();
-        return relay::relay(gw, guard, takeover, &req, &token, owner, since.as_deref()).await;
+        // Joining (see `handover`) with nobody else to hand over to.
+        None => return refuse(StatusCode::SERVICE_UNAVAILABLE, "node is joining the ring, retry"),
     }
     let device = match gw.sessions.register(&claims.sub, claims.exp, Transport::Sse) {
         Ok(d) => d,
@@ -122,8 +127,15 @@ pub async fn serve(
     gw.metrics.opened_ok.increment(1);
     // The ring may have moved this user since the ownership check; a
     // reconcile that ran before the registration did not see this device.
-    if let Some((false, owner)) = gw.owner_of(&claims.sub) {
-        device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url });
+    match gw.owner_of(&claims.sub) {
+        Some((true, _)) => {}
+        Some((false, owner)) => {
+            device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url })
+        }
+        None => device.outbox.close(Close::Frame {
+            code: crate::close::CloseCode::GoingAway,
+            reason: "node rejoining, reconnect".into(),
+        }),
     }
     let task_gw = gw.clone();
     gw.tasks.spawn(async move {
