@@ -23,10 +23,14 @@ pub async fn cluster(n: usize, key: &str) -> Vec<Node> {
 /// Waits until every node acts on the ring of exactly these nodes.
 pub async fn wait_converged(nodes: &[Node]) {
     let ids: BTreeSet<String> = nodes.iter().map(|n| n.gw.config.node_id().to_owned()).collect();
-    wait_for("ring converged", || async {
+    // Converged means serving too: a node that joined serves its users only
+    // after every peer routes them to it (gateway/src/handover.rs); until
+    // then a device for them is relayed elsewhere or told to retry.
+    wait_for("ring converged and every node serving", || async {
         nodes.iter().all(|n| {
             let r = n.gw.ring();
             r.members().iter().map(|m| m.node_id.clone()).collect::<BTreeSet<_>>() == ids
+                && n.gw.serving.load(std::sync::atomic::Ordering::Acquire)
         })
     })
     .await;
