@@ -32,6 +32,18 @@ pub(crate) const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// closed for not reading will not read it either, and its socket should
 /// go at once rather than after a whole stall timeout.
 pub(crate) const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The linger after the close of a device that fell behind: its backlog
+/// and close frame are still in the kernel, and it answers pings it finds
+/// there once it reads again. Were the socket closed meanwhile, those
+/// answers would meet a closed socket, which resets the connection and
+/// discards the close frame. Long enough for a device that paused (a
+/// phone's app switch, a GC pause) to come back; a few hundred bytes of
+/// task per slow device meanwhile.
+const SLOW_CLOSE_LINGER: Duration = Duration::from_secs(10);
+/// Send-buffer room added, beyond the bytes themselves, for the last
+/// frames of a device closed for falling behind (the kernel counts its
+/// own bookkeeping per buffer against SO_SNDBUF).
+const CLOSE_ROOM: usize = 16 * 1024;
 /// Most buffers handed to one `writev` (Linux allows 1024).
 const MAX_IOVECS: usize = 64;
 
@@ -86,7 +98,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
             let close = frame::close(CLOSE_TOO_MANY_DEVICES, &e.to_string());
             if Box::pin(write_with_timeout(&mut wr, &close)).await.is_ok() {
                 let _ = wr.shutdown().await;
-                Box::pin(linger(&mut rd)).await;
+                Box::pin(linger_for(&mut rd, CLOSE_LINGER)).await;
             }
             return;
         }
@@ -125,7 +137,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
                 if r.is_ok() && !rate.allow() {
                     gw.metrics.rate_limited_closes.increment(1);
                     device.outbox.close(Close::Frame { code: CloseCode::Policy, reason: "too many client frames".into() });
-                    break false;
+                    break None;
                 }
                 match r {
                     Ok(ClientFrame::Ping(payload)) => device.outbox.push_control(frame::encode(frame::OP_PONG, &payload)),
@@ -133,7 +145,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
                     Ok(ClientFrame::Close(code)) => {
                         // Echo the client's code, as RFC 6455 asks.
                         device.outbox.close(Close::Frame { code, reason: String::new() });
-                        break false;
+                        break None;
                     }
                     Err(e @ (ReadError::TooBig | ReadError::Protocol(_) | ReadError::Utf8(_))) => {
                         if e == ReadError::TooBig {
@@ -146,23 +158,26 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
                             _ => "",
                         };
                         device.outbox.close(Close::Frame { code, reason: reason.into() });
-                        break false;
+                        break None;
                     }
                     Err(ReadError::Eof | ReadError::Io(_)) => {
                         device.outbox.close(Close::Abort);
-                        break false;
+                        break None;
                     }
                 }
             }
-            _ = &mut writer => break true,
+            r = &mut writer => break Some(r.unwrap_or(None)),
         }
     };
     // Our writer stops on its own; the stream state of the reader may be
     // mid-frame now, so only raw bytes are drained from here on.
-    let wrote_close = if writer_done { true } else { (&mut writer).await.unwrap_or(false) };
+    let lingering = match writer_done {
+        Some(l) => l,
+        None => (&mut writer).await.unwrap_or(None),
+    };
     gw.sessions.unregister(&device);
-    if wrote_close {
-        Box::pin(linger(&mut rd)).await;
+    if let Some(d) = lingering {
+        Box::pin(linger_for(&mut rd, d)).await;
     }
 }
 
@@ -236,10 +251,24 @@ fn event_id(frame: &[u8]) -> Option<&str> {
     serde_json::from_slice::<Id>(frame::payload(frame)?).ok().map(|e| e.id)
 }
 
-/// Reads and drops bytes until the peer closes or the linger time is up.
+/// Reads and drops bytes until the peer closes or `CLOSE_LINGER` is up.
 pub(crate) async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    linger_for(rd, CLOSE_LINGER).await
+}
+
+/// Writes every buffer, each wait for socket space bounded by `stall`; a
+/// stall is an error (for writers without an outbox to watch).
+pub(crate) async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes], stall: Duration) -> std::io::Result<()> {
+    match write_watched(wr, bufs, false, stall, None).await? {
+        Wrote::All => Ok(()),
+        Wrote::Behind { .. } => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled")),
+    }
+}
+
+/// Reads and drops bytes until the peer closes or the linger time is up.
+async fn linger_for<R: AsyncRead + Unpin>(rd: &mut R, within: Duration) {
     let mut scratch = [0u8; 256];
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+    let _ = tokio::time::timeout(within, async {
         while let Ok(n) = rd.read(&mut scratch).await {
             if n == 0 {
                 break;
@@ -249,9 +278,9 @@ pub(crate) async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
     .await;
 }
 
-/// Writes the device's frames until it is closed. Returns whether a close
-/// frame was written (so the peer deserves a linger).
-async fn write_loop(gw: Arc<Gateway>, wr: Arc<OwnedWriteHalf>, device: Arc<Device>) -> bool {
+/// Writes the device's frames until it is closed. Returns how long to
+/// linger, if a close frame was written (so the peer deserves a linger).
+async fn write_loop(gw: Arc<Gateway>, wr: Arc<OwnedWriteHalf>, device: Arc<Device>) -> Option<Duration> {
     let wrote_close = write_batches(&gw, &wr, &device).await;
     // The last handles on the write half: dropping it sends FIN.
     drop(device.outbox.detach());
@@ -259,55 +288,162 @@ async fn write_loop(gw: Arc<Gateway>, wr: Arc<OwnedWriteHalf>, device: Arc<Devic
     wrote_close
 }
 
-async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> bool {
+async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> Option<Duration> {
     loop {
-        let Batch { mut frames, control, close } = device.outbox.take().await;
+        let (Batch { mut frames, control, close }, mut partial) = device.outbox.take_marked().await;
         let n = frames.len();
-        // The common case at any rate: one event, nothing else. Written
-        // without building vectors.
+        // The common case at any rate: one event, nothing else, and room
+        // in the socket. Written without building vectors or timers.
         if n == 1 && control.is_empty() && close.is_none() {
-            let Queued { frame, published_at_us } = frames.pop_front().expect("one frame");
-            if let Err(e) = write_one(wr, frame).await {
-                tracing::debug!(device = device.id, "write failed: {e}");
-                gw.metrics.write_failed.increment(1);
-                device.outbox.close(Close::Abort);
-                return false;
+            let q = frames.front_mut().expect("one frame");
+            match wr.try_write(&q.frame) {
+                Ok(w) if w == q.frame.len() => {
+                    record_sent(gw, &[q.published_at_us]);
+                    continue;
+                }
+                // The rest goes the long way, which must know it is a rest.
+                Ok(w) => {
+                    q.frame.advance(w);
+                    partial |= w > 0;
+                }
+                // Would block, or failed: the long way finds out again.
+                Err(_) => {}
             }
-            gw.metrics.delivered.increment(1);
-            gw.metrics.latency.record(contract::event::now_micros().saturating_sub(published_at_us) as f64 / 1e6);
-            continue;
         }
+        let c = control.len();
         let mut bufs: Vec<Bytes> = control;
         let published: Vec<u64> = frames.iter().map(|q| q.published_at_us).collect();
         bufs.extend(frames.drain(..).map(|Queued { frame, .. }| frame));
         if let Some(Close::Frame { code, reason }) = &close {
             bufs.push(frame::close(*code, reason));
         }
-        let stall = if close.is_some() { CLOSE_WRITE_TIMEOUT } else { WRITE_STALL_TIMEOUT };
-        if let Err(e) = Box::pin(write_all(wr, &mut bufs, stall)).await {
-            tracing::debug!(device = device.id, "write failed: {e}");
-            gw.metrics.write_failed.increment(n as u64);
-            device.outbox.close(Close::Abort);
-            return false;
-        }
-        if n > 0 {
-            gw.metrics.delivered.increment(n as u64);
-            let now = contract::event::now_micros();
-            for p in published {
-                gw.metrics.latency.record(now.saturating_sub(p) as f64 / 1e6);
+        let (stall, watch) =
+            if close.is_some() { (CLOSE_WRITE_TIMEOUT, None) } else { (WRITE_STALL_TIMEOUT, Some(&device.outbox)) };
+        match Box::pin(write_watched(wr, &mut bufs, partial, stall, watch)).await {
+            Ok(Wrote::All) => record_sent(gw, &published),
+            Ok(Wrote::Behind { next, rest }) if close.is_some() => {
+                // Not even the batch with the close fitted: the device is
+                // not reading. What follows the frame in progress is
+                // dropped; that rest and the close frame are left to the
+                // kernel.
+                let sent = next.saturating_sub(c).min(n);
+                record_sent(gw, &published[..sent]);
+                gw.metrics.dropped_slow.increment((n - sent) as u64);
+                let Some(Close::Frame { .. }) = close else { return None };
+                let close_frame = bufs.last().cloned().expect("the close frame");
+                let tail = if next + 1 == bufs.len() {
+                    vec![rest.unwrap_or(close_frame)]
+                } else {
+                    rest.into_iter().chain([close_frame]).collect()
+                };
+                return Box::pin(finish_in_raised_buffer(wr, device, tail)).await;
+            }
+            Ok(Wrote::Behind { next, rest }) => {
+                // Frames before `next` are on the wire (or will be, `rest`).
+                let sent = next.saturating_sub(c).min(n);
+                record_sent(gw, &published[..sent]);
+                return Box::pin(close_behind(gw, wr, device, rest, n - sent)).await;
+            }
+            Err(e) => {
+                tracing::debug!(device = device.id, "write failed: {e}");
+                gw.metrics.write_failed.increment(n as u64);
+                device.outbox.close(Close::Abort);
+                return None;
             }
         }
         match close {
             None => {}
-            Some(Close::Abort) => return false,
-            Some(Close::Frame { .. }) => return true,
+            Some(Close::Abort) => return None,
+            Some(Close::Frame { .. }) => return Some(CLOSE_LINGER),
         }
     }
 }
 
-/// Writes every buffer, `MAX_IOVECS` per syscall, each write bounded by
-/// the stall timeout.
-pub(crate) async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes], stall: Duration) -> std::io::Result<()> {
+/// Counts frames written and their latency.
+fn record_sent(gw: &Gateway, published: &[u64]) {
+    if published.is_empty() {
+        return;
+    }
+    gw.metrics.delivered.increment(published.len() as u64);
+    let now = contract::event::now_micros();
+    for p in published {
+        gw.metrics.latency.record(now.saturating_sub(*p) as f64 / 1e6);
+    }
+}
+
+/// Ends a device that fell behind: its queue overflowed, or its socket
+/// took nothing for the stall timeout. The backlog is dropped, and the
+/// rest of the frame in progress plus a 4008 close frame are handed to
+/// the kernel, which sends them once the device reads again (also after
+/// this task has dropped the socket). The socket is full, so its send
+/// buffer is first raised by just that much: bounded, and the close can
+/// reach the device rather than a bare FIN after the data. `unsent`:
+/// event frames of the writer's batch that were not written.
+async fn close_behind(
+    gw: &Gateway,
+    wr: &OwnedWriteHalf,
+    device: &Device,
+    rest: Option<Bytes>,
+    unsent: usize,
+) -> Option<Duration> {
+    let slow = Close::Frame { code: crate::outbox::CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() };
+    let stalled = !device.outbox.falling_behind();
+    let (close, queued) = device.outbox.abandon(slow);
+    if stalled && matches!(close, Close::Frame { code: crate::outbox::CLOSE_SLOW_CONSUMER, .. }) {
+        // An overflow was counted where it happened; a stall is counted here.
+        gw.metrics.slow_closes.increment(1);
+    }
+    gw.metrics.dropped_slow.increment((unsent + queued) as u64);
+    let Close::Frame { code, reason } = close else { return None };
+    let tail = rest.into_iter().chain([frame::close(code, &reason)]).collect();
+    finish_in_raised_buffer(wr, device, tail).await
+}
+
+/// Writes `bufs` (the rest of a frame in progress and a close frame) to a
+/// socket that is full, by raising its send buffer by just that much.
+/// Returns the linger for a device this far behind, if they were written.
+async fn finish_in_raised_buffer(wr: &OwnedWriteHalf, device: &Device, mut bufs: Vec<Bytes>) -> Option<Duration> {
+    let need: usize = bufs.iter().map(Bytes::len).sum();
+    let sock = socket2::SockRef::from(wr.as_ref());
+    if let Ok(now) = sock.send_buffer_size() {
+        // Linux reports the doubled size and doubles what it is given.
+        if let Err(e) = sock.set_send_buffer_size(now / 2 + need + CLOSE_ROOM) {
+            tracing::debug!(device = device.id, "raising SO_SNDBUF for the close: {e}");
+        }
+    }
+    match write_watched(wr, &mut bufs, false, CLOSE_WRITE_TIMEOUT, None).await {
+        Ok(Wrote::All) => Some(SLOW_CLOSE_LINGER),
+        Ok(Wrote::Behind { .. }) => None,
+        Err(e) => {
+            tracing::debug!(device = device.id, "writing the close failed: {e}");
+            None
+        }
+    }
+}
+
+/// How far a write got.
+enum Wrote {
+    All,
+    /// The device fell behind before everything was written. `next`: the
+    /// first buffer not fully written; `rest`: its unwritten part if its
+    /// start is on the wire already (it must be finished before a close).
+    Behind {
+        next: usize,
+        rest: Option<Bytes>,
+    },
+}
+
+/// Writes every buffer, `MAX_IOVECS` per syscall, each wait for socket
+/// space bounded by `stall`. With `watch`, also gives up as soon as that
+/// outbox is closed for falling behind. `partial`: the first buffer is the
+/// rest of a frame whose start is on the wire.
+async fn write_watched(
+    wr: &OwnedWriteHalf,
+    bufs: &mut [Bytes],
+    mut partial: bool,
+    stall: Duration,
+    watch: Option<&crate::outbox::Outbox>,
+) -> std::io::Result<Wrote> {
     let mut start = 0;
     while start < bufs.len() {
         let end = (start + MAX_IOVECS).min(bufs.len());
@@ -316,7 +452,9 @@ pub(crate) async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes], stall: Du
         let written = match wr.try_write_vectored(&slices) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 drop(slices);
-                wait_writable(wr, stall).await?;
+                if !Box::pin(wait_writable(wr, stall, watch)).await? {
+                    return Ok(Wrote::Behind { next: start, rest: partial.then(|| bufs[start].clone()) });
+                }
                 continue;
             }
             other => other?,
@@ -331,36 +469,39 @@ pub(crate) async fn write_all(wr: &OwnedWriteHalf, bufs: &mut [Bytes], stall: Du
             let take = left.min(b.len());
             b.advance(take);
             left -= take;
+            partial = true;
             if b.is_empty() {
                 start += 1;
+                partial = false;
             }
         }
         while start < bufs.len() && bufs[start].is_empty() {
             start += 1;
+            partial = false;
         }
     }
-    Ok(())
+    Ok(Wrote::All)
 }
 
-/// Writes one buffer: straight away if the socket has room, else waiting
-/// at most the stall timeout.
-async fn write_one(wr: &OwnedWriteHalf, mut buf: Bytes) -> std::io::Result<()> {
+/// Waits until the socket takes more: true, or false when it took nothing
+/// for `stall` or `watch` was closed for falling behind meanwhile.
+async fn wait_writable(
+    wr: &OwnedWriteHalf,
+    stall: Duration,
+    watch: Option<&crate::outbox::Outbox>,
+) -> std::io::Result<bool> {
+    let deadline = tokio::time::Instant::now() + stall;
     loop {
-        match wr.try_write(&buf) {
-            Ok(n) if n == buf.len() => return Ok(()),
-            Ok(n) => buf.advance(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_writable(wr, WRITE_STALL_TIMEOUT).await?,
-            Err(e) => return Err(e),
+        tokio::select! {
+            r = wr.writable() => return r.map(|()| true),
+            _ = tokio::time::sleep_until(deadline) => return Ok(false),
+            _ = async { watch.expect("guarded").woken().await }, if watch.is_some() => {
+                if watch.is_some_and(|o| o.falling_behind()) {
+                    return Ok(false);
+                }
+            }
         }
     }
-}
-
-/// Waits until the socket takes more, at most the stall timeout. Boxed:
-/// rare, and the timer would otherwise sit in every writer's state.
-async fn wait_writable(wr: &OwnedWriteHalf, stall: Duration) -> std::io::Result<()> {
-    Box::pin(tokio::time::timeout(stall, wr.writable()))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))?
 }
 
 async fn write_with_timeout(wr: &mut OwnedWriteHalf, buf: &[u8]) -> std::io::Result<()> {

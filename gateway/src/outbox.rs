@@ -67,6 +67,10 @@ struct State {
     finished: bool,
     /// The writer holds a batch: pushes must queue behind it.
     writing: bool,
+    /// The first queued frame is partly on the wire already (`push` wrote
+    /// its start): it must be finished before anything else, a close frame
+    /// included, or the stream is corrupt. Dropping the backlog keeps it.
+    front_partial: bool,
     /// The socket, for writes straight from `push` (none in unit tests and
     /// once the writer is done).
     sock: Option<Arc<OwnedWriteHalf>>,
@@ -109,8 +113,7 @@ impl Outbox {
             return Push::Closed;
         }
         if s.frames.len() >= self.capacity {
-            let dropped = s.frames.len() + 1;
-            s.frames = VecDeque::new();
+            let dropped = drop_backlog(&mut s) + 1;
             s.close = Some(Close::Frame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() });
             drop(s);
             self.wake.notify_one();
@@ -128,6 +131,7 @@ impl Outbox {
                     let mut rest = item.clone();
                     rest.frame.advance(n);
                     s.frames.push_back(rest);
+                    s.front_partial = n > 0;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => s.frames.push_back(item.clone()),
                 Err(_) => {
@@ -167,7 +171,7 @@ impl Outbox {
             return 0;
         }
         if s.frames.len() + n > self.capacity {
-            s.frames = VecDeque::new();
+            drop_backlog(&mut s);
             s.close = Some(Close::Frame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() });
             drop(s);
             self.wake.notify_one();
@@ -210,19 +214,65 @@ impl Outbox {
     pub fn close_discarding(&self, close: Close) {
         let mut s = self.state.lock();
         if s.close.is_none() && !s.finished {
-            s.frames = VecDeque::new();
+            drop_backlog(&mut s);
             s.close = Some(close);
             drop(s);
             self.wake.notify_one();
         }
     }
 
+    /// Whether the device is being closed for falling behind (4008): a
+    /// writer stuck on a full socket then gives up the batch it holds.
+    pub fn falling_behind(&self) -> bool {
+        matches!(self.state.lock().close, Some(Close::Frame { code: CLOSE_SLOW_CONSUMER, .. }))
+    }
+
+    /// Resolves at the next wake-up meant for the writer (a push after the
+    /// queue emptied, a close). Lets a writer waiting for socket space
+    /// notice a close; a wake-up it takes costs `take` nothing, since
+    /// `take` looks at the queue before it sleeps.
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// For a writer that gives up (the device stopped reading): closes with
+    /// `close` unless a close is pending already, drops what is queued, and
+    /// hands over the close that wins with the number of frames dropped.
+    /// Nothing is accepted afterwards.
+    pub fn abandon(&self, close: Close) -> (Close, usize) {
+        let mut s = self.state.lock();
+        let dropped = s.frames.len();
+        s.frames = VecDeque::new();
+        s.control = Vec::new();
+        s.front_partial = false;
+        s.finished = true;
+        (s.close.take().unwrap_or(close), dropped)
+    }
+
     /// Waits for work and takes it, at most `MAX_BATCH` event frames at a
     /// time. Cancel-safe: work is only taken in the poll that returns it.
     pub async fn take(&self) -> Batch {
+        self.take_marked().await.0
+    }
+
+    /// Like [`Outbox::take`], and says whether the batch's first event
+    /// frame is partly on the wire already (`push` wrote its start). Such a
+    /// frame comes alone, without control frames: nothing may be written
+    /// before its end.
+    pub async fn take_marked(&self) -> (Batch, bool) {
         loop {
             {
                 let mut s = self.state.lock();
+                if s.front_partial {
+                    s.writing = true;
+                    s.front_partial = false;
+                    let frames: VecDeque<Queued> = s.frames.pop_front().into_iter().collect();
+                    let close = if s.frames.is_empty() { s.close.take() } else { None };
+                    if close.is_some() {
+                        s.finished = true;
+                    }
+                    return (Batch { frames, control: Vec::new(), close }, true);
+                }
                 if !s.frames.is_empty() || !s.control.is_empty() || s.close.is_some() {
                     s.writing = true;
                     // At most a batch at a time: what the writer has not
@@ -240,13 +290,22 @@ impl Outbox {
                     if close.is_some() {
                         s.finished = true;
                     }
-                    return Batch { frames, control: std::mem::take(&mut s.control), close };
+                    return (Batch { frames, control: std::mem::take(&mut s.control), close }, false);
                 }
                 s.writing = false;
             }
             self.wake.notified().await;
         }
     }
+}
+
+/// Drops the queued frames but one partly written already. Returns how
+/// many were dropped.
+fn drop_backlog(s: &mut State) -> usize {
+    let keep = if s.front_partial { s.frames.pop_front() } else { None };
+    let dropped = s.frames.len();
+    s.frames = keep.into_iter().collect();
+    dropped
 }
 
 #[cfg(test)]
