@@ -86,6 +86,105 @@ pub fn answer_to_client_close(payload: &[u8]) -> Result<CloseCode, (CloseCode, &
     }
 }
 
+/// Why the node ended a device: the `reason` label of
+/// `gateway_connections_closed_total`, one per way a device can end, so
+/// devices cut off by anything (a node's shutdown, a fence, a dead peer)
+/// show up. A fixed set: the label stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a close frame; its code was echoed.
+    ClientClosed,
+    /// The client's socket ended (EOF or reset) without a close frame.
+    ClientGone,
+    /// The client answered no ping for too long (no close frame).
+    PingTimeout,
+    /// 1008: the token expired.
+    TokenExpired,
+    /// 1008: too many client frames per second.
+    RateLimited,
+    /// 1009.
+    FrameTooBig,
+    /// 1002.
+    ProtocolError,
+    /// 1007.
+    InvalidUtf8,
+    /// 1011: `?since=` could not be served.
+    RecoveryFailed,
+    /// 4001: the user moved to another node.
+    Moved,
+    /// 4008.
+    SlowConsumer,
+    /// 4029.
+    TooManyDevices,
+    /// 1001: the node is shutting down.
+    Shutdown,
+    /// 1001: the node was fenced and rejoins the ring.
+    Fenced,
+    /// Writing to the socket failed (no close frame).
+    WriteFailed,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 15] = [
+        CloseReason::ClientClosed,
+        CloseReason::ClientGone,
+        CloseReason::PingTimeout,
+        CloseReason::TokenExpired,
+        CloseReason::RateLimited,
+        CloseReason::FrameTooBig,
+        CloseReason::ProtocolError,
+        CloseReason::InvalidUtf8,
+        CloseReason::RecoveryFailed,
+        CloseReason::Moved,
+        CloseReason::SlowConsumer,
+        CloseReason::TooManyDevices,
+        CloseReason::Shutdown,
+        CloseReason::Fenced,
+        CloseReason::WriteFailed,
+    ];
+
+    /// The label value (names kept from before the family was complete).
+    pub const fn label(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::ClientGone => "client_gone",
+            CloseReason::PingTimeout => "ping_timeout",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RateLimited => "rate_limited",
+            CloseReason::FrameTooBig => "frame_too_big",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::RecoveryFailed => "recovery_failed",
+            CloseReason::Moved => "moved",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::TooManyDevices => "too_many_devices",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Fenced => "fenced",
+            CloseReason::WriteFailed => "write_failed",
+        }
+    }
+
+    /// The close code the node sends for it (`None`: no close frame, or
+    /// the client's own code).
+    pub const fn code(self) -> Option<CloseCode> {
+        Some(match self {
+            CloseReason::ClientClosed
+            | CloseReason::ClientGone
+            | CloseReason::PingTimeout
+            | CloseReason::WriteFailed => return None,
+            CloseReason::TokenExpired | CloseReason::RateLimited => CloseCode::Policy,
+            CloseReason::FrameTooBig => CloseCode::TooBig,
+            CloseReason::ProtocolError => CloseCode::Protocol,
+            CloseReason::InvalidUtf8 => CloseCode::InvalidPayload,
+            CloseReason::RecoveryFailed => CloseCode::Internal,
+            CloseReason::Moved => CloseCode::Moved,
+            CloseReason::SlowConsumer => CloseCode::SlowConsumer,
+            CloseReason::TooManyDevices => CloseCode::TooManyDevices,
+            CloseReason::Shutdown | CloseReason::Fenced => CloseCode::GoingAway,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +216,15 @@ mod tests {
         for c in named {
             assert!(![1004, 1005, 1006, 1015].contains(&c.code()), "{c:?}");
             assert!(CloseCode::from_client(c.code()).is_some(), "{c:?} is a code a peer could send too");
+        }
+    }
+
+    #[test]
+    fn close_reasons_are_listed_once_with_distinct_labels() {
+        let labels: std::collections::HashSet<_> = CloseReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), CloseReason::ALL.len());
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "ALL is in declaration order: {r:?}");
         }
     }
 

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 
-use crate::close::CloseCode;
+use crate::close::{CloseCode, CloseReason};
 use crate::frame::{self, ClientFrame, FrameReader, ReadError};
 use crate::outbox::{Batch, Close, Queued};
 use crate::sessions::{CLOSE_TOO_MANY_DEVICES, Device, Transport};
@@ -95,6 +95,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
         Ok(d) => d,
         Err(e) => {
             gw.metrics.opened_too_many_devices.increment(1);
+            gw.metrics.closed(CloseReason::TooManyDevices);
             let close = frame::close(CLOSE_TOO_MANY_DEVICES, &e.to_string());
             if Box::pin(write_with_timeout(&mut wr, &close)).await.is_ok() {
                 let _ = wr.shutdown().await;
@@ -110,10 +111,15 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
     match gw.owner_of(&user) {
         Some((true, _)) => {}
         Some((false, owner)) => {
-            device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url })
+            if device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url }) {
+                gw.metrics.closed(CloseReason::Moved);
+            }
         }
         None => {
-            device.outbox.close(Close::Frame { code: CloseCode::GoingAway, reason: "node rejoining, reconnect".into() })
+            if device.outbox.close(Close::Frame { code: CloseCode::GoingAway, reason: "node rejoining, reconnect".into() }) {
+                // Not serving yet (handover): the same 1001 as a fenced node's.
+                gw.metrics.closed(CloseReason::Fenced);
+            }
         }
     }
     if let Some(since) = since {
@@ -144,24 +150,32 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
                     Ok(ClientFrame::Pong | ClientFrame::Data { .. }) => {}
                     Ok(ClientFrame::Close(code)) => {
                         // Echo the client's code, as RFC 6455 asks.
-                        device.outbox.close(Close::Frame { code, reason: String::new() });
+                        if device.outbox.close(Close::Frame { code, reason: String::new() }) {
+                            gw.metrics.closed(CloseReason::ClientClosed);
+                        }
                         break None;
                     }
                     Err(e @ (ReadError::TooBig | ReadError::Protocol(_) | ReadError::Utf8(_))) => {
-                        if e == ReadError::TooBig {
-                            gw.metrics.oversize_closes.increment(1);
-                        }
+                        let why = match e {
+                            ReadError::TooBig => CloseReason::FrameTooBig,
+                            ReadError::Utf8(_) => CloseReason::InvalidUtf8,
+                            _ => CloseReason::ProtocolError,
+                        };
                         let code = e.close_code().expect("a frame error has a close code");
                         let reason = match e {
                             ReadError::TooBig => "frame too big",
                             ReadError::Protocol(why) | ReadError::Utf8(why) => why,
                             _ => "",
                         };
-                        device.outbox.close(Close::Frame { code, reason: reason.into() });
+                        if device.outbox.close(Close::Frame { code, reason: reason.into() }) {
+                            gw.metrics.closed(why);
+                        }
                         break None;
                     }
                     Err(ReadError::Eof | ReadError::Io(_)) => {
-                        device.outbox.close(Close::Abort);
+                        if device.outbox.close(Close::Abort) {
+                            gw.metrics.closed(CloseReason::ClientGone);
+                        }
                         break None;
                     }
                 }
@@ -211,6 +225,7 @@ pub(crate) async fn recover(gw: &Gateway, device: &Device, since: &str) {
         Err(e) => {
             tracing::warn!("{e}");
             device.outbox.close_discarding(Close::Frame { code: CloseCode::Internal, reason: e.to_string() });
+            gw.metrics.closed(CloseReason::RecoveryFailed);
         }
     }
 }
@@ -347,7 +362,9 @@ async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> Op
             Err(e) => {
                 tracing::debug!(device = device.id, "write failed: {e}");
                 gw.metrics.write_failed.increment(n as u64);
-                device.outbox.close(Close::Abort);
+                if device.outbox.close(Close::Abort) {
+                    gw.metrics.closed(CloseReason::WriteFailed);
+                }
                 return None;
             }
         }

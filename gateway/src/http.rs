@@ -94,6 +94,7 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
         Some((true, _)) => {}
         Some((false, owner)) => {
             if req.headers().contains_key(proxy::PROXIED_HEADER) {
+                gw.metrics.opened_ring_changing.increment(1);
                 let mut resp = message(StatusCode::SERVICE_UNAVAILABLE, "ring is changing, retry");
                 resp.headers_mut().insert("retry-after", "1".parse().expect("static"));
                 return resp;
@@ -103,6 +104,7 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
         }
         // Joining (see `handover`) with nobody else to hand over to.
         None => {
+            gw.metrics.opened_ring_changing.increment(1);
             let mut resp = message(StatusCode::SERVICE_UNAVAILABLE, "node is joining the ring, retry");
             resp.headers_mut().insert("retry-after", "1".parse().expect("static"));
             return resp;

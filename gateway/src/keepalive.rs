@@ -41,10 +41,14 @@ pub async fn run(gw: Arc<Gateway>) {
             |d| d.id % SLICES == slice,
             |d| {
                 if d.token_expires_at <= now {
-                    d.outbox.close(Close::Frame { code: CLOSE_POLICY, reason: "token expired".into() });
+                    if d.outbox.close(Close::Frame { code: CLOSE_POLICY, reason: "token expired".into() }) {
+                        gw.metrics.closed(crate::close::CloseReason::TokenExpired);
+                    }
                     expired += 1;
                 } else if d.missed_pings.fetch_add(1, Ordering::Relaxed) >= MAX_MISSED_PINGS {
-                    d.outbox.close(Close::Abort);
+                    if d.outbox.close(Close::Abort) {
+                        gw.metrics.closed(crate::close::CloseReason::PingTimeout);
+                    }
                     dropped += 1;
                 } else {
                     d.outbox.push_control(ping.clone());

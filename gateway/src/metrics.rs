@@ -8,6 +8,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::close::CloseReason;
 use crate::sessions::Transport;
 
 /// Latency buckets (seconds): fine below 20 ms, where the target is.
@@ -94,6 +95,44 @@ pub struct Metrics {
     pub heap_resident: Gauge,
     /// The device counts split by transport (WebSocket, SSE).
     pub by_transport: PerTransport,
+    /// `gateway_connections_closed_total` by reason, indexed by
+    /// `CloseReason as usize` (the named fields above are the same counters).
+    closes: Vec<Counter>,
+    /// Proxy failures by result (see `ProxyFailure`).
+    proxy_failures: Vec<Counter>,
+    pub opened_ring_changing: Counter,
+}
+
+/// Why a device entering a node that does not own its user was not
+/// relayed: the `result` label of `gateway_connections_opened_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyFailure {
+    /// The owner advertises no ws:// address (502).
+    NoInternalUrl,
+    /// The owner could not be reached (502).
+    OwnerUnreachable,
+    /// The owner did not answer in time (504).
+    OwnerTimeout,
+    /// The owner refused the device (its status passed on).
+    OwnerRefused,
+}
+
+impl ProxyFailure {
+    const ALL: [ProxyFailure; 4] = [
+        ProxyFailure::NoInternalUrl,
+        ProxyFailure::OwnerUnreachable,
+        ProxyFailure::OwnerTimeout,
+        ProxyFailure::OwnerRefused,
+    ];
+
+    const fn label(self) -> &'static str {
+        match self {
+            ProxyFailure::NoInternalUrl => "proxy_no_internal_url",
+            ProxyFailure::OwnerUnreachable => "proxy_owner_unreachable",
+            ProxyFailure::OwnerTimeout => "proxy_owner_timeout",
+            ProxyFailure::OwnerRefused => "proxy_owner_refused",
+        }
+    }
 }
 
 /// The metrics a transport has of its own.
@@ -136,6 +175,11 @@ impl Metrics {
     pub fn new() -> Metrics {
         let opened = |result: &'static str| counter!("gateway_connections_opened_total", "result" => result);
         let deliveries = |result: &'static str| counter!("gateway_deliveries_total", "result" => result);
+        let closes: Vec<Counter> = CloseReason::ALL
+            .iter()
+            .map(|r| counter!("gateway_connections_closed_total", "reason" => r.label()))
+            .collect();
+        let closed = |r: CloseReason| closes[r as usize].clone();
         Metrics {
             connections: gauge!("gateway_connections"),
             users: gauge!("gateway_users"),
@@ -153,8 +197,8 @@ impl Metrics {
             write_failed: deliveries("write_failed"),
             recipients_offline: counter!("gateway_recipients_offline_total"),
             latency: histogram!("gateway_delivery_latency_seconds"),
-            slow_closes: counter!("gateway_connections_closed_total", "reason" => "slow_consumer"),
-            oversize_closes: counter!("gateway_connections_closed_total", "reason" => "frame_too_big"),
+            slow_closes: closed(CloseReason::SlowConsumer),
+            oversize_closes: closed(CloseReason::FrameTooBig),
             owned_slots: gauge!("gateway_owned_slots"),
             ring_members: gauge!("gateway_ring_members"),
             rebalances: counter!("gateway_rebalances_total"),
@@ -163,22 +207,37 @@ impl Metrics {
             republished: counter!("gateway_republished_messages_total"),
             misrouted: counter!("gateway_misrouted_recipients_total"),
             departed_drained: counter!("gateway_departed_drained_messages_total"),
-            moved_closes: counter!("gateway_connections_closed_total", "reason" => "moved"),
+            moved_closes: closed(CloseReason::Moved),
             members_evicted: counter!("gateway_members_evicted_total"),
             fenced: counter!("gateway_fenced_total"),
-            fenced_closes: counter!("gateway_connections_closed_total", "reason" => "fenced"),
+            fenced_closes: closed(CloseReason::Fenced),
             recovered: counter!("gateway_recovered_events_total"),
             recovery_reads: counter!("gateway_recovery_reads_total"),
             opened_over_address_limit: opened("over_address_limit"),
             opened_over_unauthenticated_limit: opened("over_unauthenticated_limit"),
             handshake_timeouts: counter!("gateway_handshake_timeouts_total"),
-            rate_limited_closes: counter!("gateway_connections_closed_total", "reason" => "rate_limited"),
+            rate_limited_closes: closed(CloseReason::RateLimited),
             recovery_cuts: counter!("gateway_recovery_cuts_total"),
             rss_bytes: gauge!("gateway_process_rss_bytes"),
             heap_allocated: gauge!("gateway_heap_allocated_bytes"),
             heap_resident: gauge!("gateway_heap_resident_bytes"),
             by_transport: PerTransport::new(),
+            proxy_failures: ProxyFailure::ALL.iter().map(|f| opened(f.label())).collect(),
+            opened_ring_changing: opened("ring_changing"),
+            closes,
         }
+    }
+}
+
+impl Metrics {
+    /// Counts a device the node ended, by why.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closes[reason as usize].increment(1);
+    }
+
+    /// Counts a connection attempt that could not be relayed to its owner.
+    pub fn proxy_failed(&self, why: ProxyFailure) {
+        self.proxy_failures[why as usize].increment(1);
     }
 }
 
@@ -206,9 +265,17 @@ fn describe() {
     describe_gauge!("gateway_users", "Distinct users with at least one device on this node.");
     describe_counter!(
         "gateway_connections_opened_total",
-        "Device connection attempts (WebSocket and SSE) by result: ok, or why the node refused it."
+        "Device connection attempts (WebSocket and SSE) by result: ok, why the node refused it (over_capacity, \
+         over_address_limit, over_unauthenticated_limit, unauthorized, bad_request, too_many_devices, draining, \
+         ring_changing), or why it could not relay it to the owner node (proxy_*)."
     );
-    describe_counter!("gateway_connections_closed_total", "Devices the node closed, by reason.");
+    describe_counter!(
+        "gateway_connections_closed_total",
+        "Devices the node ended, by reason (close code): client_closed (echo), client_gone, ping_timeout, \
+         write_failed (no frame), token_expired and rate_limited (1008), frame_too_big (1009), protocol_error \
+         (1002), invalid_utf8 (1007), recovery_failed (1011), moved (4001), slow_consumer (4008), \
+         too_many_devices (4029), shutdown and fenced (1001)."
+    );
     describe_counter!("gateway_broker_messages_total", "Messages consumed from this node's RabbitMQ queue.");
     describe_counter!("gateway_broker_bad_messages_total", "Consumed messages that could not be parsed (rejected).");
     describe_counter!("gateway_broker_reconnects_total", "Times the RabbitMQ connection was lost and made again.");

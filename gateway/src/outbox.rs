@@ -198,14 +198,17 @@ impl Outbox {
     }
 
     /// Asks the writer to close. The first reason wins; queued frames are
-    /// still written before the close frame.
-    pub fn close(&self, close: Close) {
+    /// still written before the close frame. Returns whether this close is
+    /// the one (so its reason is counted once).
+    pub fn close(&self, close: Close) -> bool {
         let mut s = self.state.lock();
         if s.close.is_none() && !s.finished {
             s.close = Some(close);
             drop(s);
             self.wake.notify_one();
+            return true;
         }
+        false
     }
 
     /// Like [`Outbox::close`], but drops what is queued: for a device that

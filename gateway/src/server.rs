@@ -74,7 +74,9 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
     // connect would tell the others this node died (see `membership`).
     drop(listener);
     gw.sessions.for_each_device(|d| {
-        d.outbox.close(Close::Frame { code: CLOSE_GOING_AWAY, reason: "node shutting down".into() })
+        if d.outbox.close(Close::Frame { code: CLOSE_GOING_AWAY, reason: "node shutting down".into() }) {
+            gw.metrics.closed(crate::close::CloseReason::Shutdown);
+        }
     });
     gw.tasks.close();
     if tokio::time::timeout(gw.config.shutdown_grace, gw.tasks.wait()).await.is_err() {
