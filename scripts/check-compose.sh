@@ -85,7 +85,7 @@ compose() {
   local secrets=(JWT_SECRET=check-compose-placeholder GRAFANA_ADMIN_PASSWORD=check-compose) set=() kv
   for kv in "${secrets[@]}"; do [[ " ${WITHOUT:-} " == *" ${kv%%=*} "* ]] || set+=("$kv"); done
   env -u COMPOSE_FILE -u COMPOSE_PROFILES -u COMPOSE_PROJECT_NAME -u JWT_SECRET -u GRAFANA_ADMIN_PASSWORD \
-    -u FEEDGATE_BIND "${set[@]}" "$COMPOSE" --project-directory . -f "$COMPOSE_FILE_PATH" --profile loadtest "$@"
+    -u FEEDGATE_BIND "${set[@]}" "$COMPOSE" --project-directory . -f "$COMPOSE_FILE_PATH" --profile loadtest --profile workers "$@"
 }
 
 # 1. Compose's own validation. Warnings (an unset variable, an obsolete
@@ -171,7 +171,7 @@ for name, s in services.items():
             err(f"service {name}: {binary} reads no environment variable {key} (it reads {sorted(READS[binary])})")
     netns = s.get("network_mode", "")
     host = netns.split(":", 1)[1] if netns.startswith("service:") else name
-    for key in ("GATEWAY_LISTEN", "BACKEND_LISTEN"):
+    for key in ("GATEWAY_LISTEN", "BACKEND_LISTEN", "BACKEND_WORKER_METRICS_LISTEN"):
         if key in env:
             port = int(env[key].rsplit(":", 1)[1])
             listeners[(host, port)] = name

@@ -103,9 +103,10 @@ async fn work_one(backend: &Backend, link: &mut Link) -> anyhow::Result<bool> {
     match result {
         Ok(()) => {
             sp.commit().await?;
-            outbox::done(&tx, &job).await?;
+            let lag = outbox::done(&tx, &job).await?;
             tx.commit().await.context("committing a finished job")?;
             backend.metrics.fanout_jobs.increment(1);
+            backend.metrics.fanout_lag.record(lag);
         }
         Err(e) => {
             sp.rollback().await?;

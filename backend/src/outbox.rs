@@ -139,9 +139,17 @@ fn job_of(r: &Row) -> Option<Job> {
 }
 
 /// A finished job leaves the table (in the claiming transaction).
-pub async fn done(tx: &impl GenericClient, job: &Job) -> Result<(), tokio_postgres::Error> {
-    tx.execute("DELETE FROM outbox WHERE id = $1", &[&job.id]).await?;
-    Ok(())
+/// Returns its age in seconds: how long since the post was written (the
+/// row is written with it), by the database's clock, so clocks of other
+/// hosts do not matter.
+pub async fn done(tx: &impl GenericClient, job: &Job) -> Result<f64, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(
+            "DELETE FROM outbox WHERE id = $1 RETURNING extract(epoch FROM clock_timestamp() - created_at)::float8",
+            &[&job.id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, f64>(0)).unwrap_or(0.0))
 }
 
 /// Records a failed attempt: why, and when to try again.

@@ -10,9 +10,11 @@ pub const CONNECTIONS: &str = "loadtest_connections";
 pub const RECEIVED: &str = "loadtest_messages_received_total";
 pub const LATENCY: &str = "loadtest_latency_seconds";
 
-/// Latency buckets in seconds, 0.5 ms to 10 s: the range where the
-/// gateway's own delivery histogram also has its resolution.
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+/// Latency buckets in seconds, 0.5 ms to 30 s, like the gateway's own
+/// delivery histogram: up to 30 s so a failover backlog reads as what it is
+/// (a p99 of 7.5 s read 9.5 s with a top bucket of 5-10 s).
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0];
 
 /// Serves `/metrics` on `listen` (in the background, on this runtime).
 pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
