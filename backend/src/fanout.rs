@@ -1,23 +1,37 @@
 //! Fan-out workers: claim a job from the outbox (see [`crate::outbox`]),
-//! page through the author's followers, update their feed caches (one
-//! Redis pipeline per page), group them by the gateway node that owns them
-//! and publish one event message per group to `feed.events`, persistent
-//! and with publisher confirms; then delete the job, in the transaction
-//! that claimed it.
+//! then run its two parts at once, each paging through the author's
+//! followers on the claiming transaction's connection:
 //!
-//! Memory stays bounded whatever the follower count: followers are read
-//! [`FOLLOWER_PAGE`] at a time, a group is flushed once it holds
-//! [`MAX_RECIPIENTS_PER_MESSAGE`], and all groups are flushed once
-//! [`MAX_BUFFERED_RECIPIENTS`] are waiting.
+//! - **realtime**: group the followers by the gateway node that owns them
+//!   and publish one event message per group to `feed.events`, persistent
+//!   and with publisher confirms;
+//! - **feeds**: cache the post's body and put its id into every
+//!   follower's feed (one Redis pipeline per page).
 //!
-//! A job that fails part way (or whose worker dies) is redone from the
-//! start: feed writes are idempotent (a sorted set) and devices detect
-//! duplicate events by their id (the post id), so a retry may duplicate an
-//! event but never loses a recipient.
+//! Neither part waits for the other: a post to 100,000 followers reaches
+//! their devices while most of their feeds are still being written (the
+//! feed writes are the slower part), a Redis outage does not hold the
+//! devices back, nor a broker outage the feeds. The job is done, and its
+//! row deleted in the transaction that claimed it, only when both parts
+//! are; if either fails (or the worker dies) the whole job is redone.
+//!
+//! Memory stays bounded whatever the follower count: followers are read a
+//! page at a time ([`REALTIME_PAGE`], [`FOLLOWER_PAGE`]), a group is
+//! flushed once it holds [`MAX_RECIPIENTS_PER_MESSAGE`], all groups are
+//! flushed once [`MAX_BUFFERED_RECIPIENTS`] are waiting, and at most
+//! [`MAX_UNCONFIRMED`] messages wait for their confirm.
+//!
+//! A redone job may duplicate events but never loses a recipient: feed
+//! writes are idempotent (a sorted set) and devices detect duplicate
+//! events by their id (the post id). The price of not waiting: a device
+//! that reconnects with `?since=` in the moment between its event and
+//! its feed write (at most the job's duration, about a second for
+//! 100,000 followers) reads a feed without the post; it got the event
+//! live unless it was offline exactly then.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use contract::event::{self, PostEvent};
@@ -26,6 +40,7 @@ use contract::ring::Ring;
 use contract::slot::{SLOTS, slot_of};
 use contract::topology;
 use deadpool_postgres::GenericClient;
+use lapin::PublisherConfirm;
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
@@ -35,9 +50,21 @@ use crate::outbox::{self, Job, JobKind};
 use crate::state::Backend;
 
 /// Followers read from PostgreSQL, and feeds written to Redis, per round
-/// trip: large enough to amortize the round trips, small enough that a
-/// page is a few tens of KiB.
+/// trip of the feed part: large enough to amortize the round trips, small
+/// enough that a page (3 commands per follower) is a few hundred KiB.
 pub const FOLLOWER_PAGE: usize = 1000;
+/// Followers read per round trip of the realtime part: an event message
+/// holds up to [`MAX_RECIPIENTS_PER_MESSAGE`] of them, so reading them in
+/// pages of 1,000 would only add round trips before the first publish.
+pub const REALTIME_PAGE: usize = 5000;
+/// Event messages published and not yet confirmed, per job: the broker
+/// confirms persistent messages after its disk write (a few ms, batched),
+/// so waiting for each before the next would serialize those waits.
+pub const MAX_UNCONFIRMED: usize = 64;
+/// Longest wait for the gateway membership before publishing with the
+/// last view read (or one message per slot): a slow Redis must not hold
+/// events back. A stale view costs at most one gateway re-publish.
+pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_millis(500);
 /// Most recipients in one broker message. A node's share of a 10,000
 /// follower post (about 3,400 of 3 nodes) fits in one message; 5,000 ids
 /// are about 200 KiB, which the broker and gateways handle easily.
@@ -136,35 +163,27 @@ pub async fn run_job(backend: &Backend, db: &impl GenericClient, link: &mut Link
                 // Deleted before its fan-out ran: its delete job follows.
                 return Ok(());
             };
-            backend.feed.put_post(&post).await.context("caching the post")?;
-            let mut redis = backend.feed.redis.clone();
-            let members = membership::fetch(&mut redis, &backend.config.membership_key)
-                .await
-                .context("reading gateway membership")?;
-            let ring = Ring::new(members);
-            let ts_ms = event::now_micros() / 1000;
-            let ev = PostEvent::new(&post.id, &post.text, &post.author_user_id, ts_ms);
-            let mut groups = Groups::new(&ring);
-            let mut after = String::new();
-            loop {
-                let page = followers_page(db, &job.author_id, &after).await?;
-                let Some(last) = page.last() else { break };
-                after = last.clone();
-                backend.feed.add(&post.id, &page).await.context("writing feeds")?;
-                for f in &page {
-                    if let Some(full) = groups.push(f) {
-                        publish(backend, link, &ev, vec![full]).await?;
-                    }
-                }
-                if groups.buffered >= MAX_BUFFERED_RECIPIENTS {
-                    publish(backend, link, &ev, groups.take_all()).await?;
-                }
-                backend.metrics.fanout_recipients.increment(page.len() as u64);
-                if page.len() < FOLLOWER_PAGE {
-                    break;
-                }
+            let started = Instant::now();
+            // Both parts run to their end even when the other fails, so an
+            // outage of Redis or of the broker holds back only its own part.
+            let (realtime, feeds) = tokio::join!(
+                async {
+                    realtime(backend, db, link, &job.author_id, &post).await?;
+                    backend.metrics.fanout_part_done(Part::Realtime, started.elapsed());
+                    anyhow::Ok(())
+                },
+                async {
+                    feeds(backend, db, &job.author_id, &post).await?;
+                    backend.metrics.fanout_part_done(Part::Feeds, started.elapsed());
+                    anyhow::Ok(())
+                },
+            );
+            match (realtime, feeds) {
+                (Ok(()), Ok(())) => {}
+                (Err(e), Ok(())) => return Err(e.context("realtime events (the feeds are written)")),
+                (Ok(()), Err(e)) => return Err(e.context("feeds (the events are published)")),
+                (Err(r), Err(f)) => anyhow::bail!("realtime events: {r:#}; feeds: {f:#}"),
             }
-            publish(backend, link, &ev, groups.take_all()).await?;
         }
         JobKind::Update => {
             // The body as it is now: a later update has its own job.
@@ -176,7 +195,7 @@ pub async fn run_job(backend: &Backend, db: &impl GenericClient, link: &mut Link
             backend.feed.forget_post(&job.post_id).await.context("forgetting the post")?;
             let mut after = String::new();
             loop {
-                let page = followers_page(db, &job.author_id, &after).await?;
+                let page = followers_page(db, &job.author_id, &after, FOLLOWER_PAGE).await?;
                 let Some(last) = page.last() else { break };
                 after = last.clone();
                 backend.feed.remove(&job.post_id, &page).await.context("writing feeds")?;
@@ -197,46 +216,180 @@ async fn load_post(db: &impl GenericClient, id: &str) -> anyhow::Result<Option<P
     Ok(row.map(|r| Post { id: r.get(0), text: r.get(1), author_user_id: r.get(2) }))
 }
 
-/// The next page of an author's followers after `after`, in id order.
-async fn followers_page(db: &impl GenericClient, author: &str, after: &str) -> anyhow::Result<Vec<String>> {
+/// The realtime part: every follower in an event message to the node
+/// that owns it, every message confirmed.
+async fn realtime(
+    backend: &Backend,
+    db: &impl GenericClient,
+    link: &mut Link,
+    author: &str,
+    post: &Post,
+) -> anyhow::Result<()> {
+    let ring = backend.ring_view.read(backend).await;
+    let ts_ms = event::now_micros() / 1000;
+    let ev = PostEvent::new(&post.id, &post.text, &post.author_user_id, ts_ms);
+    let mut groups = Groups::new(&ring);
+    let mut out = Outgoing::default();
+    let mut after = String::new();
+    loop {
+        let page = followers_page(db, author, &after, REALTIME_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = last.clone();
+        for f in &page {
+            if let Some(full) = groups.push(f) {
+                out.publish(backend, link, &ev, vec![full]).await?;
+            }
+        }
+        if groups.buffered >= MAX_BUFFERED_RECIPIENTS {
+            out.publish(backend, link, &ev, groups.take_all()).await?;
+        }
+        backend.metrics.fanout_recipients.increment(page.len() as u64);
+        if page.len() < REALTIME_PAGE {
+            break;
+        }
+    }
+    out.publish(backend, link, &ev, groups.take_all()).await?;
+    out.confirm_all(backend).await
+}
+
+/// The feed part: the post's body cached, its id in every follower's
+/// feed. The next page is read while the current one is written.
+async fn feeds(backend: &Backend, db: &impl GenericClient, author: &str, post: &Post) -> anyhow::Result<()> {
+    backend.feed.put_post(post).await.context("caching the post")?;
+    let mut page = followers_page(db, author, "", FOLLOWER_PAGE).await?;
+    while let Some(last) = page.last().cloned() {
+        let more = page.len() == FOLLOWER_PAGE;
+        let (written, next) = tokio::join!(backend.feed.add(&post.id, &page), async {
+            if more { followers_page(db, author, &last, FOLLOWER_PAGE).await } else { Ok(Vec::new()) }
+        });
+        written.context("writing feeds")?;
+        page = next?;
+    }
+    Ok(())
+}
+
+/// The next page (at most `limit`) of an author's followers after
+/// `after`, in id order.
+async fn followers_page(
+    db: &impl GenericClient,
+    author: &str,
+    after: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<String>> {
     let rows = db
         .query(
             "SELECT follower_id FROM follows WHERE followee_id = $1 AND follower_id > $2 \
              ORDER BY follower_id LIMIT $3",
-            &[&author, &after, &(FOLLOWER_PAGE as i64)],
+            &[&author, &after, &(limit as i64)],
         )
         .await
         .context("reading followers")?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Publishes one message per group, then waits for every confirm, all
-/// within [`broker::PUBLISH_TIMEOUT`].
-async fn publish(backend: &Backend, link: &mut Link, ev: &PostEvent, groups: Vec<Vec<String>>) -> anyhow::Result<()> {
-    let groups: Vec<Vec<String>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
-    if groups.is_empty() {
-        return Ok(());
-    }
-    let ch = link.channel(&backend.brokers).await?;
-    let send = async {
-        let mut confirms = Vec::with_capacity(groups.len());
-        for group in &groups {
+/// The event messages of one job: published as their groups fill, their
+/// confirms awaited only when [`MAX_UNCONFIRMED`] are outstanding, and
+/// all of them at the end.
+#[derive(Default)]
+struct Outgoing {
+    unconfirmed: VecDeque<PublisherConfirm>,
+}
+
+impl Outgoing {
+    /// Publishes one message per non-empty group.
+    async fn publish(
+        &mut self,
+        backend: &Backend,
+        link: &mut Link,
+        ev: &PostEvent,
+        groups: Vec<Vec<String>>,
+    ) -> anyhow::Result<()> {
+        for group in groups.into_iter().filter(|g| !g.is_empty()) {
+            while self.unconfirmed.len() >= MAX_UNCONFIRMED {
+                let oldest = self.unconfirmed.pop_front().expect("not empty");
+                confirmed(backend, oldest).await?;
+            }
+            let ch = link.channel(&backend.brokers).await?;
             let recipients: Vec<&str> = group.iter().map(String::as_str).collect();
             let body = event::encode(&recipients, ev);
-            confirms.push(topology::publish_group(ch, &recipients, &body, FieldTable::default()).await?);
+            let confirm = tokio::time::timeout(
+                broker::PUBLISH_TIMEOUT,
+                topology::publish_group(ch, &recipients, &body, FieldTable::default()),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("publishing events: no answer within {:?}", broker::PUBLISH_TIMEOUT))?
+            .context("publishing events")?;
+            self.unconfirmed.push_back(confirm);
         }
-        let n = confirms.len();
-        for c in futures_util::future::try_join_all(confirms).await? {
-            anyhow::ensure!(c.is_ack(), "broker refused an event message");
+        Ok(())
+    }
+
+    /// Waits for every outstanding confirm.
+    async fn confirm_all(mut self, backend: &Backend) -> anyhow::Result<()> {
+        while let Some(c) = self.unconfirmed.pop_front() {
+            confirmed(backend, c).await?;
         }
-        anyhow::Ok(n)
-    };
-    let n = match tokio::time::timeout(broker::PUBLISH_TIMEOUT, send).await {
+        Ok(())
+    }
+}
+
+/// One message's confirm, within [`broker::PUBLISH_TIMEOUT`].
+async fn confirmed(backend: &Backend, confirm: PublisherConfirm) -> anyhow::Result<()> {
+    let c = match tokio::time::timeout(broker::PUBLISH_TIMEOUT, confirm).await {
         Ok(r) => r.context("publishing events")?,
         Err(_) => anyhow::bail!("publishing events: no confirm within {:?}", broker::PUBLISH_TIMEOUT),
     };
-    backend.metrics.events_published.increment(n as u64);
+    anyhow::ensure!(c.is_ack(), "broker refused an event message");
+    backend.metrics.events_published.increment(1);
     Ok(())
+}
+
+/// The gateway membership as the realtime part last read it, so that a
+/// slow or unreachable Redis delays events by at most
+/// [`MEMBERSHIP_TIMEOUT`] instead of holding them back.
+#[derive(Default)]
+pub struct RingView {
+    last: Mutex<Option<Ring>>,
+}
+
+impl RingView {
+    /// The membership now, or the last one read (no members at all before
+    /// the first read: one message per slot, which the SPEC allows).
+    async fn read(&self, backend: &Backend) -> Ring {
+        let mut redis = backend.feed.redis.clone();
+        let key = &backend.config.membership_key;
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, membership::fetch(&mut redis, key)).await {
+            Ok(Ok(members)) => {
+                let ring = Ring::new(members);
+                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.clone());
+                ring
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => format!("{e:#}"),
+                    _ => format!("no answer within {MEMBERSHIP_TIMEOUT:?}"),
+                };
+                tracing::warn!("gateway membership unreadable ({why}): publishing with the last view");
+                self.last.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(|| Ring::new([]))
+            }
+        }
+    }
+}
+
+/// The two parts of a create job (a label of the part metric).
+#[derive(Debug, Clone, Copy)]
+pub enum Part {
+    Realtime,
+    Feeds,
+}
+
+impl Part {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Part::Realtime => "realtime",
+            Part::Feeds => "feeds",
+        }
+    }
 }
 
 /// Recipients grouped by owner node (or by slot, with no live members).

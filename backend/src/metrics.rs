@@ -101,6 +101,15 @@ impl Metrics {
         self.outbox_oldest.set(oldest_secs);
     }
 
+    /// One part of a create job (see `fanout::Part`) succeeded this long
+    /// after the job started: the realtime part should end well before
+    /// the feeds part on a large audience.
+    pub fn fanout_part_done(&self, part: crate::fanout::Part, elapsed: Duration) {
+        let labels = vec![Label::new("part", part.as_str())];
+        let key = Key::from_parts("backend_fanout_part_seconds", labels);
+        self.recorder.register_histogram(&key, &METADATA).record(elapsed.as_secs_f64());
+    }
+
     /// Drains histogram samples into their buckets. Run on a timer (see
     /// `server::UPKEEP_INTERVAL`), not only when scraped.
     pub fn upkeep(&self) {

@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use crate::broker::Nodes;
 use crate::config::Config;
 use crate::db;
+use crate::fanout::RingView;
 use crate::feed::FeedCache;
 use crate::metrics::Metrics;
 use crate::password::Passwords;
@@ -25,6 +26,8 @@ pub struct Backend {
     /// The RabbitMQ nodes the workers publish events to. The API itself
     /// never needs the broker: a post is accepted once it is committed.
     pub brokers: Nodes,
+    /// The gateway membership the fan-out last read.
+    pub ring_view: RingView,
     /// Wakes idle fan-out workers when a job is committed (see
     /// [`crate::outbox::listen`]).
     pub outbox_wake: Arc<Notify>,
@@ -47,6 +50,7 @@ impl Backend {
         Ok(Arc::new(Backend {
             tokens: Tokens::new(config.jwt_secret().as_bytes()),
             brokers: Nodes::new(&config.amqp_url),
+            ring_view: RingView::default(),
             outbox_wake: Arc::new(Notify::new()),
             feed: FeedCache { redis },
             metrics: Metrics::new(),
