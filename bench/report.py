@@ -309,6 +309,54 @@ if rb:
     run_block("rebalance")
     charts("rebalance")
 
+# ---- celebrity (its own section: one post to 100,000 followers through the backend)
+def celebrity_section():
+    runs = int(load("celebrity.runs") or 0)
+    reports = [(i, load(f"celebrity-{i}.json")) for i in range(1, runs + 1)]
+    reports = [(i, r) for i, r in reports if r and (r.get("e2e") or {}).get("celebrity")]
+    if not reports:
+        return
+    c0 = reports[0][1]["e2e"]["celebrity"]
+    w("## 6. Celebrity: one post to 100,000 online followers")
+    w("")
+    w(f"One author followed by {num(c0['followers'])} users, each with a device connected to its owner gateway")
+    w(f"({len(reports[0][1]['params']['nodes'])} gateway nodes, {reports[0][1]['workers']} load generator workers); one `POST /post/create` through the backend")
+    w("(its own release process, 2 fan-out workers). Devices measure from the request's start to their receipt. The feeds are")
+    w("watched in Redis from outside from the moment the backend answers; the backend's own figures are when the job's realtime")
+    w("part (every event message confirmed by the broker) and its feed part (every follower's feed written) ended, from the job's start.")
+    w("Users and follows are bulk-seeded straight into the backend's database (`--seed-database`: no argon2, no HTTP per user;")
+    w(f"the post and its fan-out are what is measured). Targets: p99 device <= {num(c0['target_p99_device_ms'])} ms, all feeds <= {num(c0['target_all_feeds_ms'])} ms.")
+    w("")
+    w("| run | devices received / expected | POST answered ms | device p50 ms | p99 ms | last ms | all feeds ms | backend: realtime done ms | feeds done ms | load before |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for i, r in reports:
+        c = r["e2e"]["celebrity"]
+        feeds = num(c["all_feeds_ms"]) if c["all_feeds_ms"] is not None else f"not all ({num(c['feeds_holding'])} of {num(c['followers'])})"
+        load_avg = (load(f"celebrity-{i}.load") or "").split("load average:")[-1].strip()
+        w(f"| {i} | {num(c['devices_received'])} / {num(c['devices_expected'])} | {num(c['post_answer_ms'])} | {num(c['device_ms']['p50'])} | **{num(c['device_ms']['p99'])}** | {num(c['device_ms']['max'])} | **{feeds}** | {num(c['backend_realtime_done_ms'])} | {num(c['backend_feeds_done_ms'])} | {load_avg} |")
+    w("")
+    p99s = [r["e2e"]["celebrity"]["device_ms"]["p99"] for _, r in reports]
+    alls = [r["e2e"]["celebrity"]["all_feeds_ms"] for _, r in reports]
+    t_dev, t_feed = c0["target_p99_device_ms"], c0["target_all_feeds_ms"]
+    met_dev = all(p <= t_dev for p in p99s)
+    met_feed = all(a is not None and a <= t_feed for a in alls)
+    w(f"p99 device over {len(reports)} runs: {num(min(p99s))}-{num(max(p99s))} ms, target <= {num(t_dev)} ms: "
+      + ("**met**" if met_dev else f"**not met** (worst {max(p99s) / t_dev:.2f}x the target)") + ".")
+    done = [a for a in alls if a is not None]
+    w(f"All feeds: {num(min(done)) + '-' + num(max(done)) + ' ms' if done else 'never complete'}, target <= {num(t_feed)} ms: "
+      + ("**met**" if met_feed else "**not met**") + ".")
+    w("")
+    i, r = reports[0]
+    w(f"Run {i} in full:\n")
+    run_block(f"celebrity-{i}")
+    d = os.path.join(results_dir, f"celebrity-{i}")
+    if os.path.exists(os.path.join(d, "celebrity.svg")):
+        w(f"![celebrity receipts over time]({d}/celebrity.svg)")
+        w("")
+
+
+celebrity_section()
+
 w("## Notes")
 w("")
 w("- Figures are from one run on a shared 2-core machine; the load average before each run says how busy it was.")

@@ -8,7 +8,7 @@
 #
 #   scripts/bench.sh                      every scenario (about 10-15 minutes)
 #   scripts/bench.sh --quick              small smoke version (< 3 minutes)
-#   scripts/bench.sh --only hold,churn    some scenarios: hold throughput latency churn rebalance
+#   scripts/bench.sh --only hold,churn    some scenarios: hold throughput latency churn rebalance celebrity
 #   scripts/bench.sh --no-nchan           without the nginx + Nchan peer
 #   scripts/bench.sh --out FILE           write FILE instead of BENCHMARKS.md
 #
@@ -18,6 +18,8 @@
 #   latency     half that rate: p50/p99/p999 (and on Nchan, at the same rate)
 #   churn       devices closing and reconnecting (?since=) while events flow
 #   rebalance   a 5th node joins during the run, then one node is SIGKILLed; loss and recovery time
+#   celebrity   one author with 100,000 online followers, one post through the backend: POST to the
+#               devices (p50, p99, last) and until every follower's feed in Redis holds it (3 runs)
 #
 # Raw JSON reports and logs stay in run/bench/ (git-ignored).
 set -euo pipefail
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 QUICK=""
-ONLY="hold,throughput,latency,churn,rebalance"
+ONLY="hold,throughput,latency,churn,rebalance,celebrity"
 NCHAN=1
 OUT=BENCHMARKS.md
 while [ $# -gt 0 ]; do
@@ -34,12 +36,12 @@ while [ $# -gt 0 ]; do
     --only) ONLY="$2"; shift 2 ;;
     --no-nchan) NCHAN=""; shift ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "usage: scripts/bench.sh [--quick] [--only hold,throughput,latency,churn,rebalance] [--no-nchan] [--out FILE]" >&2; exit 2 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    *) echo "usage: scripts/bench.sh [--quick] [--only hold,throughput,latency,churn,rebalance,celebrity] [--no-nchan] [--out FILE]" >&2; exit 2 ;;
   esac
 done
 for s in ${ONLY//,/ }; do
-  case $s in hold|throughput|latency|churn|rebalance) ;; *) echo "bench: unknown scenario $s" >&2; exit 2 ;; esac
+  case $s in hold|throughput|latency|churn|rebalance|celebrity) ;; *) echo "bench: unknown scenario $s" >&2; exit 2 ;; esac
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
@@ -55,6 +57,7 @@ if [ -n "$QUICK" ]; then
   CHURN_USERS=2000; CHURN_RATE=100; CHURN_FANOUT=20; CHURN_PER_S=100; CHURN_SECS=5
   RB_USERS=2000; RB_RATE=100; RB_FANOUT=20; RB_SECS=16; RB_JOIN_AT=3; RB_KILL_AT=7
   DRAIN=5; RB_DRAIN=8
+  CELEB_USERS=3000; CELEB_NODES=2; CELEB_WORKERS=1; CELEB_RUNS=1
 else
   # The product target: 200,000 devices. 14 nodes (about 14,300 each):
   # the ring does not split users exactly evenly, and a node refuses
@@ -66,6 +69,9 @@ else
   CHURN_USERS=20000; CHURN_RATE=200; CHURN_FANOUT=50; CHURN_PER_S=1000; CHURN_SECS=20
   RB_USERS=20000; RB_RATE=200; RB_FANOUT=50; RB_SECS=40; RB_JOIN_AT=8; RB_KILL_AT=20
   DRAIN=5; RB_DRAIN=10
+  # 100,000 followers' devices: 8 nodes (12,500 each on average; the ring
+  # is uneven and a node refuses beyond 19,500), 8 load generator workers.
+  CELEB_USERS=100000; CELEB_NODES=8; CELEB_WORKERS=8; CELEB_RUNS=3
 fi
 # Throughput and latency run on 2 nodes: every process costs CPU on
 # these 2 cores, and 20,000 devices fit in 2. nginx gets as many workers
@@ -99,6 +105,7 @@ cleanup() {
   [ -n "$LT_PID" ] && kill -TERM "$LT_PID" 2>/dev/null && wait "$LT_PID" 2>/dev/null
   for port in "${!GW_PID[@]}"; do stop_gateway "$port" TERM; done
   [ -n "$NCHAN_UP" ] && bash scripts/nchan.sh stop >/dev/null
+  celebrity_cleanup
   [ -n "$VHOST_MADE" ] && rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1
   command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 del "$KEY" >/dev/null 2>&1
   exit $rc
@@ -338,6 +345,55 @@ if want rebalance; then
   stop_cluster
 fi
 
+# ---- celebrity: one post to 100,000 followers through the backend --------------
+# Its own backend (release), on its own database (created by the backend,
+# dropped at the end), fan-out queue and port; the bench's vhost, membership
+# key and JWT secret. Users and follows are bulk-seeded straight into that
+# database (loadtest --seed-database: 100,000 argon2 registrations would
+# take most of an hour); the post goes through POST /post/create.
+CELEB_BACKEND_PORT=8192
+CELEB_DB="bench_celebrity_$$"
+CELEB_DB_URL="postgres://postgres@127.0.0.1:5432/$CELEB_DB"
+CELEB_BACKEND_PID=""
+celebrity_cleanup() {
+  if [ -n "$CELEB_BACKEND_PID" ]; then
+    kill -TERM "$CELEB_BACKEND_PID" 2>/dev/null
+    wait "$CELEB_BACKEND_PID" 2>/dev/null
+    CELEB_BACKEND_PID=""
+  fi
+  if [ -n "${CELEB_DB_MADE:-}" ]; then
+    psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $CELEB_DB WITH (FORCE)" >/dev/null 2>&1
+    CELEB_DB_MADE=""
+  fi
+}
+
+start_celebrity_backend() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$CELEB_BACKEND_PORT") 2>/dev/null && die "port $CELEB_BACKEND_PORT is taken"
+  CELEB_DB_MADE=1
+  DATABASE_URL=$CELEB_DB_URL AMQP_URL=$AMQP MEMBERSHIP_KEY=$KEY FANOUT_QUEUE="$ID.fanout" RUST_LOG=warn NO_COLOR=1 \
+    BACKEND_WORKER_METRICS_LISTEN=127.0.0.1:0 \
+    ./target/release/backend --listen "127.0.0.1:$CELEB_BACKEND_PORT" >"$BENCH/celebrity-backend.log" 2>&1 &
+  CELEB_BACKEND_PID=$!
+  for _ in $(seq 1 150); do
+    http_get "http://127.0.0.1:$CELEB_BACKEND_PORT/readyz" >/dev/null && return 0
+    kill -0 "$CELEB_BACKEND_PID" 2>/dev/null || { tail -n 20 "$BENCH/celebrity-backend.log" >&2; die "backend exited"; }
+    sleep 0.2
+  done
+  die "backend not ready within 30 s"
+}
+
+if want celebrity; then
+  start_cluster "$CELEB_NODES"
+  start_celebrity_backend
+  for i in $(seq 1 "$CELEB_RUNS"); do
+    lt "celebrity-$i" --mode e2e --celebrity --users "$CELEB_USERS" --workers "$CELEB_WORKERS" \
+      --backend-url "http://127.0.0.1:$CELEB_BACKEND_PORT" --seed-database "$CELEB_DB_URL" --drain 15
+  done
+  celebrity_cleanup
+  stop_cluster
+  echo "$CELEB_RUNS" >"$BENCH/celebrity.runs"
+fi
+
 # ---- the report ----------------------------------------------------------------
 # Charts of the runs shown go under bench/results/<scenario>/.
 keep_charts() { # run-name result-dir
@@ -347,6 +403,9 @@ keep_charts() { # run-name result-dir
   cp "$BENCH/$1"/*.svg "$RESULTS/$2/"
 }
 for n in hold-gateway hold-nchan latency-gateway latency-nchan churn rebalance; do keep_charts "$n" "$n"; done
+if [ -s "$BENCH/celebrity.runs" ]; then
+  for i in $(seq 1 "$(cat "$BENCH/celebrity.runs")"); do keep_charts "celebrity-$i" "celebrity-$i"; done
+fi
 for t in gateway nchan; do
   b=$(cat "$BENCH/throughput-$t.best" 2>/dev/null || true)
   if [ -n "$b" ]; then keep_charts "throughput-$t-$b" "throughput-$t"; fi

@@ -52,9 +52,25 @@ pub fn write(dir: &Path, series: &[Point]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Writes `celebrity.svg`: devices that have the post and feeds that hold
+/// it, by ms since the post's request (`--celebrity`).
+pub fn celebrity(dir: &Path, receipts: &[(f64, u64)], feeds: &[(f64, u64)]) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("celebrity.svg");
+    let as_f = |l: &[(f64, u64)]| l.iter().map(|&(t, n)| (t, n as f64)).collect::<Vec<_>>();
+    let lines = [("devices with the post", as_f(receipts)), ("feeds holding it", as_f(feeds))];
+    draw_xy(&path, "One post to every follower: receipts over time", "ms since POST /post/create", "followers", &lines)
+        .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))?;
+    Ok(path)
+}
+
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 fn draw(path: &Path, title: &str, unit: &str, lines: &[(&str, Vec<(f64, f64)>)]) -> DrawResult {
+    draw_xy(path, title, "seconds since start", unit, lines)
+}
+
+fn draw_xy(path: &Path, title: &str, x_desc: &str, unit: &str, lines: &[(&str, Vec<(f64, f64)>)]) -> DrawResult {
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let points = lines.iter().flat_map(|(_, l)| l.iter());
@@ -66,7 +82,7 @@ fn draw(path: &Path, title: &str, unit: &str, lines: &[(&str, Vec<(f64, f64)>)])
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
-    chart.configure_mesh().x_desc("seconds since start").y_desc(unit).draw()?;
+    chart.configure_mesh().x_desc(x_desc).y_desc(unit).draw()?;
     let colors = [BLUE, RED, BLACK];
     for ((name, line), color) in lines.iter().zip(colors) {
         chart
@@ -107,6 +123,9 @@ mod tests {
         assert!(latency.contains("<polyline"), "a line is drawn");
         // An empty series still gives valid charts.
         write(&dir, &[]).unwrap();
+        let c = celebrity(&dir, &[(0.0, 0), (150.0, 900), (400.0, 1000)], &[(80.0, 200), (900.0, 1000)]).unwrap();
+        let c = std::fs::read_to_string(c).unwrap();
+        assert!(c.contains("ms since POST") && c.contains("feeds holding it") && c.contains("<polyline"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

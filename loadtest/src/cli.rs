@@ -143,6 +143,18 @@ pub struct RunArgs {
     /// The backend (e2e mode).
     #[arg(long, env = "BACKEND_URL", default_value = "http://127.0.0.1:8080")]
     pub backend_url: String,
+    /// e2e mode: seed the users and follows straight into the backend's
+    /// PostgreSQL at this URL instead of over HTTP (no argon2 per user;
+    /// tokens are minted, so --jwt-secret is needed); the rows are deleted
+    /// at the end of the run.
+    #[arg(long, env = "LOADTEST_SEED_DATABASE")]
+    pub seed_database: Option<String>,
+    /// e2e mode: one author whom all --users follow, one post after
+    /// ramp-up (--rate, --fanout and --duration are ignored); reports the
+    /// time from the POST to the devices and until every follower's feed
+    /// in Redis (--redis-url) holds it.
+    #[arg(long)]
+    pub celebrity: bool,
 }
 
 fn parse_ip_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {

@@ -70,7 +70,10 @@ pub async fn main(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         println!("report        {}", path.display());
     }
     if let Some(dir) = charts_dir {
-        let files = charts::write(&dir, &report.series)?;
+        let mut files = charts::write(&dir, &report.series)?;
+        if let Some(c) = report.e2e.as_ref().and_then(|e| e.celebrity.as_ref()) {
+            files.push(charts::celebrity(&dir, &c.receipts, &c.feeds)?);
+        }
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         println!("charts        {}", names.join("  "));
     }
@@ -90,6 +93,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let workers = worker_count(args.workers, target, args.users)?;
     let nchan = args.target == Target::Nchan;
     anyhow::ensure!(!(nchan && args.mode == Mode::E2e), "--target nchan works in gateway mode only");
+    anyhow::ensure!(
+        args.mode == Mode::E2e || !(args.celebrity || args.seed_database.is_some()),
+        "--celebrity and --seed-database need --mode e2e"
+    );
     let recover = args.recover || args.churn > 0.0;
     anyhow::ensure!(
         !(nchan && recover),
@@ -185,7 +192,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let bar = bars.run(args.duration, live.clone());
-    let published = if args.rate > 0.0 {
+    let published = if args.rate > 0.0 || args.celebrity {
         match e2e.as_mut() {
             Some(session) => session.post(&plan, &live.connected_per_user, &live.series).await,
             None => publisher::run(&sink, &plan, &live.connected_per_user, &live.series).await.map(|(p, errors)| {
@@ -257,7 +264,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         .collect();
     let series = live.series.lock().points(start_unix_s);
     let e2e = match e2e {
-        Some(session) => Some(session.finish(last_receipt_us).await?),
+        Some(session) => {
+            let receipts = e2e::Receipts {
+                last_us: last_receipt_us,
+                expected: expected_total,
+                received: messages.received,
+                latency: &latency,
+            };
+            Some(session.finish(receipts).await?)
+        }
         None => None,
     };
     Ok(Report {

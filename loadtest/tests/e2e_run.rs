@@ -100,6 +100,39 @@ fn check(r: &serde_json::Value, users: u64, devices: u64, followers_per_post: u6
     assert!(b["fanout_recipients_per_s"].as_f64().unwrap() > 0.0 && b["window_s"].as_f64().unwrap() > 0.0, "{b}");
 }
 
+/// The backend's database (the test backend's default).
+const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/feed";
+
+/// A `--celebrity` report: every device and every feed got the one post,
+/// the figures are there, and the bulk-seeded users are gone again.
+fn check_celebrity(r: &serde_json::Value, followers: u64) {
+    let e = &r["e2e"];
+    assert_eq!(e["seeding"]["how"], "bulk", "{}", e["seeding"]);
+    assert_eq!(e["authors"], 1);
+    let c = &e["celebrity"];
+    assert_eq!(c["followers"], followers, "{c}");
+    assert_eq!(c["devices_expected"], followers, "{c}");
+    assert_eq!(c["devices_received"], followers, "{c}");
+    assert_eq!(c["feeds_holding"], followers, "{c}");
+    let ms = |k: &str| c[k].as_f64().unwrap_or_else(|| panic!("celebrity.{k} missing: {c}"));
+    assert!(ms("post_answer_ms") > 0.0 && ms("all_feeds_ms") > 0.0, "{c}");
+    assert!(ms("backend_realtime_done_ms") > 0.0 && ms("backend_feeds_done_ms") > 0.0, "{c}");
+    let d = &c["device_ms"];
+    assert!(d["p50"].as_f64().unwrap() > 0.0 && d["p99"].as_f64() <= d["max"].as_f64(), "{d}");
+    for curve in ["receipts", "feeds"] {
+        let last = c[curve].as_array().and_then(|a| a.last()).unwrap_or_else(|| panic!("no {curve} curve: {c}"));
+        assert_eq!(last[1], followers, "the {curve} curve ends at every follower: {last}");
+    }
+    // The run deleted its users, and their post with them.
+    let post_id = c["post_id"].as_str().unwrap().to_owned();
+    let left: i64 = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (db, conn) = tokio_postgres::connect(DATABASE_URL, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        db.query_one("SELECT count(*) FROM posts WHERE id = $1", &[&post_id]).await.unwrap().get(0)
+    });
+    assert_eq!(left, 0, "the bulk-seeded users (and their post) are deleted at the end");
+}
+
 #[test]
 fn posts_created_over_http_reach_every_follower_device() {
     let started = Instant::now();
@@ -129,6 +162,12 @@ fn posts_created_over_http_reach_every_follower_device() {
     let r = e2e_run(&backend, &key, &url, None, &args, &dir);
     check(&r, 30, 1, 10);
     assert_eq!(r["e2e"]["seeding"]["tokens"], "login");
+
+    // A celebrity: one author whom all follow, bulk-seeded, one post.
+    let args = ["--celebrity", "--users", "300", "--workers", "2", "--seed-database", DATABASE_URL];
+    let r = e2e_run(&backend, &key, &url, Some(SECRET), &args, &dir);
+    check(&r, 300, 1, 300);
+    check_celebrity(&r, 300);
 
     std::fs::remove_dir_all(&dir).ok();
     eprintln!("e2e run: {:.1}s in all", started.elapsed().as_secs_f64());

@@ -174,9 +174,14 @@ impl Api {
     /// The value of an unlabelled counter or gauge on the backend's
     /// `/metrics` (0 when the backend has not recorded it yet).
     pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        Ok(metric_value(&self.metrics_text().await?, name).unwrap_or(0.0))
+    }
+
+    /// The backend's whole `/metrics` text.
+    pub async fn metrics_text(&self) -> anyhow::Result<String> {
         let a = self.call(Method::GET, "/metrics", None, None).await?;
         anyhow::ensure!(a.status == 200, "/metrics: HTTP {}", a.status);
-        Ok(metric_value(&String::from_utf8_lossy(&a.body), name).unwrap_or(0.0))
+        Ok(String::from_utf8_lossy(&a.body).into_owned())
     }
 }
 

@@ -11,10 +11,15 @@
 //! its own counters read before and after.
 //!
 //! - [`api`]: the backend's HTTP API client.
-//! - [`seed`]: register, tokens, follows.
+//! - [`seed`]: register, tokens, follows; [`bulk`]: the same straight
+//!   into PostgreSQL (`--seed-database`).
 //! - [`poster`]: posts at a rate.
+//! - [`celebrity`]: one author followed by everyone, one post
+//!   (`--celebrity`).
 
 pub mod api;
+pub mod bulk;
+pub mod celebrity;
 pub mod poster;
 pub mod seed;
 
@@ -31,6 +36,8 @@ use crate::report::LatencyMs;
 use crate::run::Population;
 use crate::series::Series;
 use api::Api;
+use celebrity::{Celebrity, CelebrityReport};
+use hdrhistogram::Histogram;
 use poster::Posts;
 use seed::Seeding;
 
@@ -55,8 +62,21 @@ pub struct E2eReport {
     pub seeding: Seeding,
     pub posts: PostsReport,
     pub backend: BackendFanout,
-    /// Every acknowledged post looked up in every follower's feed.
+    /// Every acknowledged post looked up in every follower's feed (with
+    /// --celebrity: in Redis, by the feed watch).
     pub feeds: FeedCheck,
+    /// `--celebrity`: the one post's way to the devices and the feeds.
+    pub celebrity: Option<CelebrityReport>,
+}
+
+/// What the devices received, for the e2e report.
+pub struct Receipts<'a> {
+    /// Unix micros of the last receipt at any device (0: none).
+    pub last_us: u64,
+    pub expected: u64,
+    pub received: u64,
+    /// Request (of the post) to receipt, microseconds.
+    pub latency: &'a Histogram<u64>,
 }
 
 /// After the drain, each follower's feed (`GET /post/feed`, paged) must
@@ -125,7 +145,17 @@ pub struct Session {
     posts: Option<Posts>,
     /// The followers' tokens (index = user index), for the feed check.
     follower_tokens: Arc<Vec<String>>,
+    /// The followers' ids (index = user index).
+    follower_ids: Arc<Vec<String>>,
     audience: crate::audience::Audience,
+    redis_url: String,
+    /// `--seed-database`: where the run's rows are deleted at the end.
+    seed_database: Option<String>,
+    /// Authors' ids, for that clean-up.
+    author_ids: Vec<String>,
+    /// `--celebrity`, once posted.
+    celebrity: Option<Celebrity>,
+    celebrity_mode: bool,
 }
 
 impl Session {
@@ -137,10 +167,19 @@ impl Session {
         Self::counters(&api)
             .await
             .map_err(|e| e.context(format!("the backend at {} does not answer", args.backend_url)))?;
-        let s = seed::seed(&api, args.users, args.fanout, &args.user_prefix, args.jwt_secret.as_deref(), args.quiet)
-            .await?;
+        // A celebrity is followed by everyone: one author.
+        let fanout = if args.celebrity { args.users } else { args.fanout };
+        let (prefix, secret) = (&args.user_prefix, args.jwt_secret.as_deref());
+        let s = match &args.seed_database {
+            Some(db) => bulk::seed(db, args.users, fanout, prefix, secret, args.quiet).await?,
+            None => seed::seed(&api, args.users, fanout, prefix, secret, args.quiet).await?,
+        };
         let followers_per_author = followers_range(&s.audience, s.author_tokens.len() as u32);
         let follower_tokens = Arc::new(s.tokens.clone());
+        let follower_ids = Arc::new(s.users.clone());
+        // Bulk ids are "<prefix>-a<i>" (the HTTP path's ids come from the backend
+        // and are only needed for the bulk clean-up).
+        let author_ids = (0..s.author_tokens.len()).map(|i| format!("{prefix}-a{i}")).collect();
         let audience = s.audience;
         let population = Population { users: s.users, tokens: s.tokens, audience: s.audience };
         let session = Session {
@@ -153,7 +192,13 @@ impl Session {
             before: Counters::default(),
             posts: None,
             follower_tokens,
+            follower_ids,
             audience,
+            redis_url: args.redis_url.clone(),
+            seed_database: args.seed_database.clone(),
+            author_ids,
+            celebrity: None,
+            celebrity_mode: args.celebrity,
         };
         Ok((population, session))
     }
@@ -166,14 +211,29 @@ impl Session {
         series: &Mutex<Series>,
     ) -> anyhow::Result<Published> {
         self.before = Self::counters(&self.api).await?;
-        let (published, posts) = poster::run(&self.api, &self.author_tokens, plan, connected, series).await?;
+        let (published, posts) = if self.celebrity_mode {
+            let (celebrity, published, posts) = Celebrity::post(
+                &self.api,
+                &self.author_tokens[0],
+                plan,
+                connected,
+                self.follower_ids.clone(),
+                &self.redis_url,
+            )
+            .await?;
+            series.lock().add_published(contract::event::now_micros().div_ceil(1_000_000), 1);
+            self.celebrity = Some(celebrity);
+            (published, posts)
+        } else {
+            poster::run(&self.api, &self.author_tokens, plan, connected, series).await?
+        };
         self.posts = Some(posts);
         Ok(published)
     }
 
-    /// The e2e report, once the devices' last receipt (unix micros, 0:
-    /// none) is known.
-    pub async fn finish(self, last_receipt_us: u64) -> anyhow::Result<E2eReport> {
+    /// The e2e report, once the devices' receipts are known.
+    pub async fn finish(mut self, receipts: Receipts<'_>) -> anyhow::Result<E2eReport> {
+        let last_receipt_us = receipts.last_us;
         let after = match &self.posts {
             // Best effort: the backend may be down at the end of a fault
             // run, and the run's report matters more than these figures.
@@ -183,10 +243,34 @@ impl Session {
             }),
             None => self.before,
         };
-        let feeds = match &self.posts {
-            Some(p) => self.check_feeds(&p.created_ids).await,
-            None => FeedCheck::default(),
+        let celebrity = match self.celebrity.take() {
+            Some(c) => {
+                let followers = self.follower_ids.len() as u64;
+                Some(c.finish(&self.api, followers, receipts.expected, receipts.received, receipts.latency).await)
+            }
+            None => None,
         };
+        let feeds = match (&self.posts, &celebrity) {
+            // The feed watch looked in every follower's feed already.
+            (Some(_), Some(c)) if !c.post_id.is_empty() => {
+                let missing = c.followers - c.feeds_holding;
+                FeedCheck {
+                    followers: c.followers,
+                    expected: c.followers,
+                    missing,
+                    unreadable: 0,
+                    first_missing: (missing > 0).then(|| {
+                        format!("{missing} feeds without post {} after {:?}", c.post_id, celebrity::WATCH_LIMIT)
+                    }),
+                }
+            }
+            (Some(p), _) => self.check_feeds(&p.created_ids).await,
+            (None, _) => FeedCheck::default(),
+        };
+        if let Some(db) = &self.seed_database {
+            let users: Vec<String> = self.follower_ids.iter().chain(&self.author_ids).cloned().collect();
+            bulk::cleanup(db, &self.redis_url, &users).await;
+        }
         let posts = self.posts.as_ref();
         let first_start_us = posts.map_or(0, |p| p.first_start_us);
         let window = |end_us: u64| {
@@ -219,6 +303,7 @@ impl Session {
                 events_published_per_s: per_s(events, fanout_window),
             },
             feeds,
+            celebrity,
         })
     }
 
@@ -295,8 +380,9 @@ impl E2eReport {
         let b = &self.backend;
         let s = &self.seeding;
         println!(
-            "seeding       {} users registered in {:.1}s, tokens {} in {:.1}s, {} follows in {:.1}s ({} authors, {}-{} followers each)",
+            "seeding       {} users registered ({}) in {:.1}s, tokens {} in {:.1}s, {} follows in {:.1}s ({} authors, {}-{} followers each)",
             s.registered,
+            s.how,
             s.register_s,
             if s.tokens == "login" { "from login" } else { s.tokens },
             s.tokens_s,
@@ -325,6 +411,25 @@ impl E2eReport {
             "backend       {} recipients fanned out, {} broker messages = {:.0} recipients/s, {:.0} messages/s (first post to last receipt, {:.2}s)",
             b.fanout_recipients, b.events_published, b.fanout_recipients_per_s, b.events_published_per_s, b.window_s
         );
+        if let Some(c) = &self.celebrity {
+            let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+            println!(
+                "celebrity     1 post to {} followers: {} of {} devices; ms from the POST: answer {:.0}, devices p50 {:.0}  p99 {:.0}  last {:.0} (target p99 <= {:.0}); all {} feeds {} ms (target <= {:.0}); backend job: realtime done {} ms, feeds done {} ms",
+                c.followers,
+                c.devices_received,
+                c.devices_expected,
+                c.post_answer_ms,
+                c.device_ms.p50,
+                c.device_ms.p99,
+                c.device_ms.max,
+                c.target_p99_device_ms,
+                c.feeds_holding,
+                opt(c.all_feeds_ms),
+                c.target_all_feeds_ms,
+                opt(c.backend_realtime_done_ms),
+                opt(c.backend_feeds_done_ms),
+            );
+        }
     }
 }
 

@@ -56,6 +56,9 @@ pub struct Seeding {
     pub tokens_s: f64,
     pub follows: u64,
     pub follow_s: f64,
+    /// `http` (the API) or `bulk` (straight into PostgreSQL, see
+    /// [`super::bulk`]).
+    pub how: &'static str,
 }
 
 /// The number of authors so that each post reaches at least `fanout` of
@@ -153,6 +156,7 @@ pub async fn seed(
             tokens_s,
             follows: u64::from(users),
             follow_s,
+            how: "http",
         },
     })
 }
