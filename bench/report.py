@@ -317,7 +317,7 @@ def celebrity_section():
     if not reports:
         return
     c0 = reports[0][1]["e2e"]["celebrity"]
-    w("## 6. Celebrity: one post to 100,000 online followers")
+    w(f"## 6. Celebrity: one post to {num(c0['followers'])} online followers")
     w("")
     w(f"One author followed by {num(c0['followers'])} users, each with a device connected to its owner gateway")
     w(f"({len(reports[0][1]['params']['nodes'])} gateway nodes, {reports[0][1]['workers']} load generator workers); one `POST /post/create` through the backend")
