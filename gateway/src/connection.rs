@@ -116,7 +116,10 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
             }
         }
         None => {
-            if device.outbox.close(Close::Frame { code: CloseCode::GoingAway, reason: "node rejoining, reconnect".into() }) {
+            if device
+                .outbox
+                .close(Close::Frame { code: CloseCode::GoingAway, reason: "node rejoining, reconnect".into() })
+            {
                 // Not serving yet (handover): the same 1001 as a fenced node's.
                 gw.metrics.closed(CloseReason::Fenced);
             }

@@ -130,12 +130,18 @@ pub async fn serve(
     match gw.owner_of(&claims.sub) {
         Some((true, _)) => {}
         Some((false, owner)) => {
-            device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url })
+            if device.outbox.close(Close::Frame { code: crate::broker::CLOSE_MOVED, reason: owner.url }) {
+                gw.metrics.closed(crate::close::CloseReason::Moved);
+            }
         }
-        None => device.outbox.close(Close::Frame {
-            code: crate::close::CloseCode::GoingAway,
-            reason: "node rejoining, reconnect".into(),
-        }),
+        None => {
+            let rejoining =
+                Close::Frame { code: crate::close::CloseCode::GoingAway, reason: "node rejoining, reconnect".into() };
+            if device.outbox.close(rejoining) {
+                // Not serving yet (handover): the same 1001 as a fenced node's.
+                gw.metrics.closed(crate::close::CloseReason::Fenced);
+            }
+        }
     }
     let task_gw = gw.clone();
     gw.tasks.spawn(async move {
