@@ -150,7 +150,16 @@ fn describe(r: &PrometheusRecorder) {
     r.describe_histogram(
         FANOUT_LAG.into(),
         Some(Unit::Seconds),
-        "From a post's outbox row (written with the post) to its fan-out done: every realtime event published.".into(),
+        "From a post's outbox row (written with the post) to its fan-out job done: every realtime event published \
+         and every feed written."
+            .into(),
+    );
+    r.describe_histogram(
+        "backend_fanout_part_seconds".into(),
+        Some(Unit::Seconds),
+        "Time from a create job's start to the end of each of its parts, run at once: realtime (events published) \
+         and feeds (follower feeds written)."
+            .into(),
     );
 }
 
