@@ -31,6 +31,13 @@ export const SEEN_IDS_MAX = 1_000;
 export const WS_FAILURES_BEFORE_SSE = 2;
 /** 4001 moves followed at once in a row; beyond that the backoff applies (a ring in flux). */
 export const MAX_IMMEDIATE_MOVES = 3;
+/**
+ * Failed attempts at the node a 4001 named before going back to the entry URL.
+ * A node that has just joined asks for a retry (503) until every peer routes
+ * its users to it (a fraction of a second), so one failure there is not a reason
+ * to give up on it.
+ */
+export const MOVED_RETRIES = 3;
 
 /** The gateway's WebSocket close codes the client acts on (SPEC "Close codes"). */
 export const CLOSE = Object.freeze({ NORMAL: 1000, GOING_AWAY: 1001, POLICY: 1008, UNAVAILABLE: 1011, MOVED: 4001, SLOW: 4008, TOO_MANY_DEVICES: 4029 });
@@ -76,6 +83,7 @@ export class FeedClient {
     this.attempt = 0;
     this.wsFailures = 0;
     this.moves = 0;
+    this.movedFailures = 0;
     this.state = 'idle';
     this.stopped = true;
     this.conn = null;
@@ -223,6 +231,7 @@ export class FeedClient {
     // Only a WebSocket that opened clears the count: once on SSE, the client
     // stays there (a proxy that broke the upgrade will break it again).
     if (conn.transport === 'websocket') this.wsFailures = 0;
+    this.movedFailures = 0;
     this.#later(STABLE_AFTER_MS, () => {
       if (this.conn === conn && !conn.closed) this.#stable();
     });
@@ -323,7 +332,9 @@ export class FeedClient {
       return;
     }
     if (code === CLOSE.MOVED && reason) this.url = reason;
-    else if (code !== CLOSE.MOVED) this.url = this.baseUrl; // any node proxies to the owner
+    else if (!conn.opened && this.url !== this.baseUrl && this.movedFailures < MOVED_RETRIES) {
+      this.movedFailures++; // the node a 4001 named may still be joining: retry it
+    } else if (code !== CLOSE.MOVED) this.url = this.baseUrl; // any node proxies to the owner
     this.#retry({ code, reason });
   }
 
