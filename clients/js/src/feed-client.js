@@ -27,8 +27,8 @@ export const PROBE_TIMEOUT_MS = 3_000;
  * its feed cache (1,000 posts), so an older duplicate cannot come back.
  */
 export const SEEN_IDS_MAX = 1_000;
-/** WebSocket attempts in a row that never opened before the client tries SSE. */
-export const WS_FAILURES_BEFORE_SSE = 2;
+/** WebSocket attempts in a row that never opened, at a node that answered HTTP, before the client tries SSE (with the backoff, about 7 s: longer than a node takes to start and join). */
+export const WS_FAILURES_BEFORE_SSE = 4;
 /** 4001 moves followed at once in a row; beyond that the backoff applies (a ring in flux). */
 export const MAX_IMMEDIATE_MOVES = 3;
 /**
@@ -176,8 +176,11 @@ export class FeedClient {
       if (typeof m.data !== 'string') return; // the gateway sends text frames only
       this.#message(conn, m.data, null);
     });
-    ws.addEventListener('close', (c) => {
-      if (!conn.opened) this.wsFailures++;
+    ws.addEventListener('close', async (c) => {
+      // Only a node that answers HTTP but never completes the upgrade counts
+      // toward the SSE fallback: a node that is down (restarting) is not a
+      // WebSocket problem, and SSE, once taken, is kept.
+      if (!conn.opened && (await this.#reachable())) this.wsFailures++;
       this.#ended(conn, { code: c.code, reason: c.reason });
     });
     // Node's `ws` shows the gateway's pings; a browser never does (see #arm).
@@ -277,6 +280,21 @@ export class FeedClient {
     clearTimeout(conn.watchdog);
     this.timers.delete(conn.watchdog);
     conn.watchdog = this.#later(DEAD_AFTER_INTERVALS * this.pingIntervalMs, () => this.#silent(conn));
+  }
+
+  /** Whether the node of `this.url` answers `/healthz` (true when it cannot be asked). */
+  async #reachable() {
+    if (!this.fetch) return true;
+    const ctl = new AbortController();
+    const t = this.#later(PROBE_TIMEOUT_MS, () => ctl.abort());
+    try {
+      await this.fetch(healthUrl(this.url), { mode: 'no-cors', cache: 'no-store', signal: ctl.signal });
+      return true;
+    } catch {
+      return false;
+    } finally {
+      clearTimeout(t);
+    }
   }
 
   /**
