@@ -215,7 +215,7 @@ pg_stop() { pg "$PG_BIN/pg_ctl -D $PGRUN/data -m fast stop -w" >/dev/null 2>&1 |
 gw_start() { # index
   local i=$1 port=${GW_PORT[$1]} rmq=$1
   [ -n "$CLUSTER" ] || rmq=0
-  AMQP_URL=$(amqp_urls_from "$rmq") REDIS_URL=$REDIS_URL MEMBERSHIP_KEY=$KEY RUST_LOG=warn NO_COLOR=1 \
+  AMQP_URL=$(amqp_urls_from "$rmq") REDIS_URL=$REDIS_URL MEMBERSHIP_KEY=$KEY RUST_LOG=${FAULTS_GATEWAY_LOG:-warn,gateway=info} NO_COLOR=1 \
     "$BIN/gateway" --node-id "gw$i" --listen "127.0.0.1:$port" --advertise-url "ws://127.0.0.1:$port" \
     >>"$RUN/gw$i.log" 2>&1 &
   GW_PID[$i]=$!
@@ -466,7 +466,8 @@ run_case() { # case run
     --started-file "$RUN/$NAME.started" --json "$RUN/$NAME.json" --charts "$RUN/$NAME.charts" "${extra[@]}")
   echo "JWT_SECRET=... ${cmd[*]}" >"$RUN/$NAME.cmd"
   log "$NAME: $mode mode, $((users * devices)) devices, $rate events/s x $fanout, ${dur}s"
-  "${cmd[@]}" >"$RUN/$NAME.out" 2>"$RUN/$NAME.err" &
+  # Devices that miss something are written there (user, missed, received, timeline).
+  LOADTEST_LOSS_LOG="$RUN/$NAME.losses.jsonl" "${cmd[@]}" >"$RUN/$NAME.out" 2>"$RUN/$NAME.err" &
   LT_PID=$!
   local waited=0
   until [ -f "$RUN/$NAME.started" ]; do

@@ -92,9 +92,20 @@ pub async fn run() -> anyhow::Result<()> {
         None => ramp.await?, // stopped during ramp-up
     };
     let mut receipts = Receipts::new(events);
+    let mut losses = std::env::var_os("LOADTEST_LOSS_LOG").map(|_| String::new());
     for d in devices {
         let d = d.await?;
+        if let Some(out) = losses.as_mut() {
+            loss_line(out, &job, events, &d);
+        }
         receipts.add_device(d.user as usize, d.seqs, &job.audience);
+    }
+    if let (Some(path), Some(lines)) = (std::env::var_os("LOADTEST_LOSS_LOG"), losses)
+        && !lines.is_empty()
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        f.write_all(lines.as_bytes())?;
     }
     // A last tick for the part of a second since the previous one, labelled
     // by the second it ends in.
@@ -111,6 +122,34 @@ pub async fn run() -> anyhow::Result<()> {
 struct Device {
     user: u32,
     seqs: Vec<u32>,
+    /// What happened to its connection (unix micros, what, events received
+    /// until then), for `LOADTEST_LOSS_LOG`.
+    timeline: Vec<(u64, String, usize)>,
+}
+
+/// With `LOADTEST_LOSS_LOG=FILE`, every device that misses an event of its
+/// user is written to FILE (one JSON line: the user, the events missed, the
+/// events received in arrival order and its connection timeline): what a
+/// loss is diagnosed from.
+fn loss_line(out: &mut String, job: &Job, events: u32, d: &Device) {
+    if d.timeline.is_empty() {
+        return; // never connected: expected nowhere
+    }
+    let got: std::collections::HashSet<u32> = d.seqs.iter().copied().collect();
+    let missing: Vec<u32> =
+        (0..events).filter(|&s| job.audience.contains(s, d.user as usize) && !got.contains(&s)).collect();
+    if missing.is_empty() {
+        return;
+    }
+    let local = (d.user - job.first_user) as usize;
+    let line = serde_json::json!({
+        "user": job.users.get(local),
+        "missing": missing,
+        "seqs": d.seqs,
+        "timeline": d.timeline,
+    });
+    out.push_str(&line.to_string());
+    out.push('\n');
 }
 
 /// Where this worker's devices go.
@@ -262,23 +301,25 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
                 Ok(Err(e)) => {
                     tracing::debug!("connect failed: {e:#}");
                     state.failed.fetch_add(1, Ordering::Relaxed);
-                    return Device { user: global, seqs: Vec::new() };
+                    return Device { user: global, seqs: Vec::new(), timeline: Vec::new() };
                 }
                 Err(_) => {
                     tracing::debug!("connect timed out");
                     state.failed.fetch_add(1, Ordering::Relaxed);
-                    return Device { user: global, seqs: Vec::new() };
+                    return Device { user: global, seqs: Vec::new(), timeline: Vec::new() };
                 }
             };
             state.opened(local);
             let (connected, churn) = &state.churn[i];
             let (mut seqs, mut newest) = (Vec::new(), String::new());
+            let mut timeline = vec![(contract::event::now_micros(), format!("connected {url}"), 0)];
             let floor = job_floor.clone();
             loop {
                 connected.store(true, Ordering::Relaxed);
                 let churn = recover.then_some(churn);
                 let ended = client::read_until(ws, i, run, &state.counters, &stop, churn, &mut seqs, &mut newest).await;
                 connected.store(false, Ordering::Relaxed);
+                timeline.push((contract::event::now_micros(), format!("ended {ended:?}"), seqs.len()));
                 if ended == Ended::Stopped || !recover {
                     break;
                 }
@@ -295,7 +336,12 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
                 };
                 let since = if newest.is_empty() { floor.clone() } else { newest.clone() };
                 match reconnect(&slice, &user, token, source, moved, &since, &seqs, &state, &stop).await {
-                    Some(w) => {
+                    Some((w, url)) => {
+                        timeline.push((
+                            contract::event::now_micros(),
+                            format!("reconnected {url} since {since}"),
+                            seqs.len(),
+                        ));
                         ws = w;
                         state.open.fetch_add(1, Ordering::Relaxed);
                         state.reconnects.lock().connects += 1;
@@ -309,7 +355,7 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
                 }
             }
             state.ended(local, global);
-            Device { user: global, seqs }
+            Device { user: global, seqs, timeline }
         }));
     }
     let attempted = devices.len() as u64;
@@ -334,7 +380,7 @@ async fn reconnect(
     seqs: &[u32],
     state: &State,
     stop: &CancellationToken,
-) -> Option<client::Ws> {
+) -> Option<(client::Ws, String)> {
     let mut backoff = FIRST_BACKOFF;
     // Members that refused the TCP connection (the process is gone) are
     // skipped for the rest of this reconnection, and the next member is
@@ -363,7 +409,7 @@ async fn reconnect(
             _ = stop.cancelled() => return None,
         };
         match ws {
-            Ok(Ok(ws)) => return Some(ws),
+            Ok(Ok(ws)) => return Some((ws, url.to_owned())),
             Ok(Err(e)) => {
                 tracing::debug!("reconnect to {url} failed: {e:#}");
                 let was_refused = e.chain().any(|c| {
