@@ -48,6 +48,10 @@ pub fn dispatch(gw: &Gateway, delivery: &Delivery, source: Source) -> Option<Vec
     // `since`, so never expected it): a late copy from a departed queue
     // would only be a duplicate.
     let drained = source == Source::Departed || header_u64(headers, HEADER_DRAINED).is_some();
+    // A detour (re-published or drained) may arrive after a newer event of
+    // the same user: kept for a device that reconnects meanwhile (`late`).
+    let detour = drained || hops > 0;
+    let mut detour_id: Option<Option<String>> = None;
     let cutoff_us = if drained { published_at_us.saturating_add(DRAINED_SKEW.as_micros() as u64) } else { u64::MAX };
     let ring = gw.ring();
     let me = ring.index_of(gw.config.node_id());
@@ -67,6 +71,10 @@ pub fn dispatch(gw: &Gateway, delivery: &Delivery, source: Source) -> Option<Vec
         let d = gw.sessions.deliver_registered_before(user, &item, cutoff_us);
         if d.written == 0 && d.queued == 0 && d.dropped == 0 {
             offline += 1;
+            if detour && let Some(id) = detour_id.get_or_insert_with(|| event_id(msg.event.get())) {
+                gw.late.keep(user, id, &item.frame);
+                gw.metrics.late_kept.increment(1);
+            }
         }
         written += d.written;
         dropped += d.dropped as u64;
@@ -82,6 +90,16 @@ pub fn dispatch(gw: &Gateway, delivery: &Delivery, source: Source) -> Option<Vec
     gw.metrics.dropped_slow.increment(dropped);
     gw.metrics.slow_closes.increment(slow);
     Some(republish)
+}
+
+/// The `id` of an event's JSON.
+fn event_id(json: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_str::<Id>(json).ok().map(|e| e.id.into_owned())
 }
 
 /// Re-publishes recipients grouped by this node's ring, with `x-hops` one

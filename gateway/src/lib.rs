@@ -28,6 +28,7 @@
 //! - [`sse`]: the same events as Server-Sent Events (stream, format, relay).
 //! - [`takeover`]: the accepted socket, which an SSE handler takes from hyper.
 //! - [`recovery`]: `?since=` replays, bounded, shared and queued.
+//! - [`late`]: detoured events for absent users, added to their replays.
 //! - [`keepalive`]: pings, silent-peer and token-expiry sweeps.
 //! - [`metrics`]: Prometheus names and handles.
 //! - [`state`]: what the parts share.
@@ -45,6 +46,7 @@ pub mod frame;
 pub mod handover;
 pub mod http;
 pub mod keepalive;
+pub mod late;
 pub mod membership;
 pub mod metrics;
 pub mod outbox;

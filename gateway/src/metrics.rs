@@ -84,6 +84,8 @@ pub struct Metrics {
     pub fenced: Counter,
     pub fenced_closes: Counter,
     pub recovered: Counter,
+    /// Detoured events kept for absent users (see `late`).
+    pub late_kept: Counter,
     pub recovery_reads: Counter,
     pub opened_over_address_limit: Counter,
     pub opened_over_unauthenticated_limit: Counter,
@@ -212,6 +214,7 @@ impl Metrics {
             fenced: counter!("gateway_fenced_total"),
             fenced_closes: closed(CloseReason::Fenced),
             recovered: counter!("gateway_recovered_events_total"),
+            late_kept: counter!("gateway_late_events_kept_total"),
             recovery_reads: counter!("gateway_recovery_reads_total"),
             opened_over_address_limit: opened("over_address_limit"),
             opened_over_unauthenticated_limit: opened("over_unauthenticated_limit"),
@@ -307,6 +310,10 @@ fn describe() {
         "Messages drained from a departed node's queue and delivered."
     );
     describe_counter!("gateway_recovered_events_total", "Events replayed from the feed cache to devices (since).");
+    describe_counter!(
+        "gateway_late_events_kept_total",
+        "Events that reached this node by a detour (re-published, drained) for a user with no device here, kept for its next replay."
+    );
     describe_gauge!("gateway_process_rss_bytes", Unit::Bytes, "Resident set size of the process.");
     describe_gauge!("gateway_heap_allocated_bytes", Unit::Bytes, "Bytes the program holds (jemalloc).");
     describe_gauge!("gateway_heap_resident_bytes", Unit::Bytes, "Bytes jemalloc keeps resident.");

@@ -32,6 +32,21 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// beyond it the device is closed with 1011 to retry later.
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `replay` with the late arrivals kept for `user` (see `late`) that it
+/// does not hold, whatever their id: one may be older than `since` because
+/// it came by a detour while a newer one came straight. In id order.
+fn with_late(gw: &Gateway, user: &str, replay: Arc<Replay>) -> Arc<Replay> {
+    let late = gw.late.of(user);
+    let mut extra: Vec<(String, Bytes)> =
+        late.into_iter().filter(|(id, _)| !replay.events.iter().any(|(e, _)| e == id)).collect();
+    if extra.is_empty() {
+        return replay;
+    }
+    extra.extend(replay.events.iter().cloned());
+    extra.sort_by(|a, b| a.0.cmp(&b.0));
+    Arc::new(Replay { events: extra, cut: replay.cut.clone() })
+}
+
 /// One read of a feed page, encoded once for every device that shares it.
 #[derive(Debug)]
 pub struct Replay {
@@ -111,7 +126,7 @@ impl Recoveries {
             }
         });
         let outcome = match tokio::time::timeout(QUEUE_TIMEOUT, read).await {
-            Ok(o) => o.clone(),
+            Ok(o) => o.clone().map(|r| with_late(gw, user, r)),
             Err(_) => Err(RecoveryError::TimedOut),
         };
         drop(turn);

@@ -37,6 +37,9 @@ pub struct Gateway {
     /// Set once every peer routes this node's slots to it (`handover`);
     /// until then it serves no device. Cleared when the node is fenced.
     pub serving: AtomicBool,
+    /// Set when the node is fenced, cleared once it serves again (for
+    /// `/readyz`'s reason).
+    pub rejoining: AtomicBool,
     /// The view membership asks for; `None` until membership was read once.
     pub wanted: tokio::sync::watch::Sender<Option<View>>,
     /// This node's current incarnation (see `membership`); replaced when
@@ -74,6 +77,8 @@ pub struct Gateway {
     pub tasks: TaskTracker,
     /// `?since=` replays (see `recovery`).
     pub recoveries: crate::recovery::Recoveries,
+    /// Detoured events for users with no device here, added to replays.
+    pub late: crate::late::Late,
     /// Redis for recovery reads, connected on first use (reconnects itself).
     redis: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
 }
@@ -95,6 +100,7 @@ impl Gateway {
             ring: RwLock::new(Arc::new(ring)),
             handover: RwLock::new(Arc::new(Ring::new(Vec::<Member>::new()))),
             serving: AtomicBool::new(false),
+            rejoining: AtomicBool::new(false),
             wanted: tokio::sync::watch::channel(None).0,
             incarnation: tokio::sync::watch::channel(contract::event::now_micros()).0,
             lease: Lease::new(),
@@ -114,6 +120,7 @@ impl Gateway {
                 config.max_recoveries,
                 config.max_replay.min(config.send_queue),
             ),
+            late: Default::default(),
             redis: tokio::sync::OnceCell::new(),
             config,
         })
@@ -132,6 +139,7 @@ impl Gateway {
     /// Every peer routes this node's slots to it: it serves its users.
     pub fn serve(&self) {
         self.serving.store(true, Ordering::Release);
+        self.rejoining.store(false, Ordering::Relaxed);
     }
 
     pub fn incarnation(&self) -> u64 {
@@ -153,6 +161,7 @@ impl Gateway {
     /// predecessor's.
     pub fn fence(&self, why: &str) {
         self.lease.expire();
+        self.rejoining.store(true, Ordering::Relaxed);
         self.serving.store(false, Ordering::Release);
         self.joined.store(false, Ordering::Relaxed);
         self.broker_ready.store(false, Ordering::Relaxed);
@@ -208,11 +217,33 @@ impl Gateway {
         self.shutdown.is_cancelled()
     }
 
+    /// Whether the node serves its users now (`/readyz`): `Err` says why
+    /// not, first reason first.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.is_draining() {
+            return Err("shutting down".into());
+        }
+        if let Some(why) = self.failure() {
+            return Err(format!("failed: {why}"));
+        }
+        if !self.membership_ready.load(Ordering::Relaxed) {
+            return Err("ring membership not up (Redis heartbeats failing)".into());
+        }
+        if !self.broker_ready.load(Ordering::Relaxed) {
+            return Err("broker consumer not up".into());
+        }
+        if !self.serving.load(Ordering::Acquire) {
+            return Err(if self.rejoining.load(Ordering::Relaxed) {
+                "rejoining the ring (fenced): waiting for every peer to route this node's slots to it".into()
+            } else {
+                "joining the ring: waiting for every peer to route this node's slots to it".into()
+            });
+        }
+        Ok(())
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.broker_ready.load(Ordering::Relaxed)
-            && self.membership_ready.load(Ordering::Relaxed)
-            && !self.is_draining()
-            && !self.failed.is_cancelled()
+        self.readiness().is_ok()
     }
 
     /// The owner of a user's slot under the current ring, and whether it is
