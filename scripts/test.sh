@@ -9,6 +9,7 @@ cargo clippy --workspace --all-targets -- -D warnings   # lints: [workspace.lint
 bash scripts/services.sh
 bash scripts/nchan.sh ensure   # nginx + Nchan for loadtest/tests/nchan.rs: cargo test installs nothing, it fails without them
 cargo test --workspace --all-targets
+bash scripts/faults.sh --ci   # under load, private RabbitMQ/Redis: a gateway SIGSTOPped 8 s, Redis restarted; fails on any loss (~1.5 min)
 bash scripts/browser-test.sh   # the JS client against real processes, the page in Chromium (~2 min; installs chromium, npm ci)
 bash scripts/check-compose.sh   # docker-compose.yml, Prometheus and Grafana config (no Docker needed)
 bash scripts/check-panels.sh   # every dashboard query against a real Prometheus, stack and load run (~2 min)
