@@ -354,7 +354,7 @@ async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> Op
                 } else {
                     rest.into_iter().chain([close_frame]).collect()
                 };
-                return Box::pin(finish_in_raised_buffer(wr, device, tail)).await;
+                return Box::pin(finish_in_raised_buffer(wr, tail)).await;
             }
             Ok(Wrote::Behind { next, rest }) => {
                 // Frames before `next` are on the wire (or will be, `rest`).
@@ -416,26 +416,71 @@ async fn close_behind(
     gw.metrics.dropped_slow.increment((unsent + queued) as u64);
     let Close::Frame { code, reason } = close else { return None };
     let tail = rest.into_iter().chain([frame::close(code, &reason)]).collect();
-    finish_in_raised_buffer(wr, device, tail).await
+    finish_in_raised_buffer(wr, tail).await
 }
 
 /// Writes `bufs` (the rest of a frame in progress and a close frame) to a
 /// socket that is full, by raising its send buffer by just that much.
 /// Returns the linger for a device this far behind, if they were written.
-async fn finish_in_raised_buffer(wr: &OwnedWriteHalf, device: &Device, mut bufs: Vec<Bytes>) -> Option<Duration> {
+///
+/// The first write goes to the kernel directly, not through tokio: tokio
+/// saw this socket would block and tries it again only once the kernel
+/// reports it writable, which Linux does only when a third of the buffer
+/// is free (`sk_stream_wspace >= sk_wmem_queued / 2`), far more than the
+/// room added here. The kernel's send path itself asks only for room
+/// below the new size, so the direct write takes the tail at once. (Left
+/// to tokio, the close was written only when the frame in progress left
+/// enough room by chance: a timing-dependent 4008 in `slow_consumer`.)
+async fn finish_in_raised_buffer(wr: &OwnedWriteHalf, mut bufs: Vec<Bytes>) -> Option<Duration> {
     let need: usize = bufs.iter().map(Bytes::len).sum();
     let sock = socket2::SockRef::from(wr.as_ref());
     if let Ok(now) = sock.send_buffer_size() {
         // Linux reports the doubled size and doubles what it is given.
         if let Err(e) = sock.set_send_buffer_size(now / 2 + need + CLOSE_ROOM) {
-            tracing::debug!(device = device.id, "raising SO_SNDBUF for the close: {e}");
+            tracing::debug!(error = %e, "raising SO_SNDBUF for the close");
         }
     }
-    match write_watched(wr, &mut bufs, false, CLOSE_WRITE_TIMEOUT, None).await {
+    let mut start = 0;
+    loop {
+        while start < bufs.len() && bufs[start].is_empty() {
+            start += 1;
+        }
+        if start == bufs.len() {
+            break;
+        }
+        let slices: Vec<IoSlice<'_>> = bufs[start..].iter().map(|b| IoSlice::new(b)).collect();
+        let written = match sock.send_vectored(&slices) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            // Not even the raised buffer took it all: wait for the kernel.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "writing the close failed");
+                return None;
+            }
+        };
+        drop(slices);
+        let mut left = written;
+        while left > 0 {
+            let take = left.min(bufs[start].len());
+            bufs[start].advance(take);
+            left -= take;
+            if bufs[start].is_empty() {
+                start += 1;
+            }
+        }
+    }
+    if start == bufs.len() {
+        return Some(SLOW_CLOSE_LINGER);
+    }
+    match write_watched(wr, &mut bufs[start..], false, CLOSE_WRITE_TIMEOUT, None).await {
         Ok(Wrote::All) => Some(SLOW_CLOSE_LINGER),
-        Ok(Wrote::Behind { .. }) => None,
+        Ok(Wrote::Behind { .. }) => {
+            tracing::debug!("the close did not fit in the raised send buffer");
+            None
+        }
         Err(e) => {
-            tracing::debug!(device = device.id, "writing the close failed: {e}");
+            tracing::debug!(error = %e, "writing the close failed");
             None
         }
     }
