@@ -9,7 +9,6 @@ use common::*;
 use contract::token::{Claims, unix_now};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -34,9 +33,7 @@ async fn slow_device_gets_4008_while_a_healthy_device_keeps_receiving() {
 
     // The slow device never reads until told; a tiny receive buffer (which
     // also turns off autotuning) makes the backlog reach the gateway soon.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(node.addr).await.unwrap();
+    let stream = small_window_stream(node.addr).await;
     let mut req = node.ws_url().into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {}", token_for(&user)).parse().unwrap());
     let (mut slow, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
@@ -150,9 +147,7 @@ async fn a_device_that_stops_reading_is_closed_within_seconds() {
     const EVENTS: usize = 700;
     let node = Node::start(|_| {}).await;
     let user = unique("u");
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(node.addr).await.unwrap();
+    let stream = small_window_stream(node.addr).await;
     let mut req = node.ws_url().into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {}", token_for(&user)).parse().unwrap());
     let (_stalled, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();

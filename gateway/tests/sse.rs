@@ -15,7 +15,7 @@ use contract::ring::{Member, Ring};
 use contract::slot::slot_of;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// One dispatched block of the stream: an event, or a comment.
@@ -357,9 +357,7 @@ async fn a_slow_sse_device_gets_4008_while_a_healthy_device_keeps_receiving() {
     let mut healthy = connect(&node, &user).await;
     // The slow device reads nothing until told; a tiny receive buffer
     // makes the backlog reach the gateway soon (as in `limits`).
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(node.addr).await.unwrap();
+    let stream = small_window_stream(node.addr).await;
     let mut slow = Sse::request_on(stream, &sse_head(&format!("/posts?token={}", token_for(&user)), "")).await;
     assert_eq!(slow.status, 200);
     wait_for("two devices", || async { node.gw.sessions.device_count_of(&user) == 2 }).await;

@@ -150,6 +150,16 @@ where
     }
 }
 
+/// A connection to `addr` whose receive buffer is 4 KiB, which also turns
+/// off the kernel's receive autotuning: a client that then reads nothing
+/// makes the gateway's send buffer, then its send queue, fill within a few
+/// events (the slow-consumer tests).
+pub async fn small_window_stream(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
 /// A plain HTTP/1.1 GET over a fresh socket: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     raw_request(addr, &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")).await
