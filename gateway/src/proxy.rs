@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::http::{Body, message};
+use crate::metrics::ProxyFailure;
 use crate::state::{Gateway, SocketGuard};
 
 /// Header marking a proxied upgrade; its value is the proxying node's id.
@@ -51,6 +52,7 @@ pub async fn proxy(
         Err(resp) => return resp,
     };
     if status != 101 {
+        gw.metrics.proxy_failed(ProxyFailure::OwnerRefused);
         return refusal(status, &answer);
     }
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -103,6 +105,8 @@ pub(crate) async fn dial_owner(
 ) -> Result<Answer, Response<Body>> {
     let dial = gw.dial_urls.read().get(&owner.node_id).cloned().unwrap_or_else(|| owner.url.clone());
     let Some(hostport) = dial.strip_prefix("ws://").map(str::to_owned) else {
+        gw.metrics.proxy_failed(ProxyFailure::NoInternalUrl);
+        tracing::warn!(owner = owner.node_id, url = dial, "proxy: the owner has no ws:// address");
         return Err(message(StatusCode::BAD_GATEWAY, "owner node has no ws:// address (set its GATEWAY_INTERNAL_URL)"));
     };
     let head = head(&hostport);
@@ -115,8 +119,16 @@ pub(crate) async fn dial_owner(
     };
     match tokio::time::timeout(OWNER_TIMEOUT, dial).await {
         Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) => Err(message(StatusCode::BAD_GATEWAY, &format!("owner node {} unreachable: {e}", owner.node_id))),
-        Err(_) => Err(message(StatusCode::GATEWAY_TIMEOUT, &format!("owner node {} did not answer", owner.node_id))),
+        Ok(Err(e)) => {
+            gw.metrics.proxy_failed(ProxyFailure::OwnerUnreachable);
+            tracing::warn!(owner = owner.node_id, error = %e, "proxy: the owner is unreachable");
+            Err(message(StatusCode::BAD_GATEWAY, &format!("owner node {} unreachable: {e}", owner.node_id)))
+        }
+        Err(_) => {
+            gw.metrics.proxy_failed(ProxyFailure::OwnerTimeout);
+            tracing::warn!(owner = owner.node_id, timeout = ?OWNER_TIMEOUT, "proxy: the owner did not answer");
+            Err(message(StatusCode::GATEWAY_TIMEOUT, &format!("owner node {} did not answer", owner.node_id)))
+        }
     }
 }
 

@@ -65,6 +65,7 @@ pub async fn relay(
         }
     };
     if status != 200 {
+        gw.metrics.proxy_failed(crate::metrics::ProxyFailure::OwnerRefused);
         return refusal(status, &head);
     }
     let Some(client) = takeover.take() else {
@@ -80,7 +81,7 @@ pub async fn relay(
         stream::tune(&task_gw, &client);
         let _ = upstream.set_nodelay(true);
         if let Err(e) = Box::pin(pipe(&task_gw, &client, &upstream, head, rest)).await {
-            tracing::debug!("SSE relay ended: {e}");
+            tracing::debug!(error = %e, "SSE relay ended");
         }
         m.proxied.decrement(1.0);
         m.by_transport.of(Transport::Sse).proxied.decrement(1.0);
