@@ -67,11 +67,11 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let message = match &self {
             ApiError::Internal(e) => {
-                tracing::error!("internal error: {e:#}");
+                tracing::error!(error = %format_args!("{e:#}"), "internal error");
                 "internal error".to_owned()
             }
             ApiError::Unavailable(what) => {
-                tracing::warn!("unavailable: {what}");
+                tracing::warn!(error = %what, "unavailable");
                 "service temporarily unavailable, retry later".to_owned()
             }
             other => other.to_string(),

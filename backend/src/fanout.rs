@@ -98,7 +98,7 @@ pub async fn run_worker(backend: Arc<Backend>, index: usize, shutdown: Cancellat
             Ok(true) => continue, // there may be more: look again at once
             Ok(false) => POLL_INTERVAL,
             Err(e) => {
-                tracing::warn!(worker = index, "cannot read the outbox: {e:#}");
+                tracing::warn!(worker = index, error = %format_args!("{e:#}"), "cannot read the outbox");
                 DB_ERROR_PAUSE
             }
         };
@@ -145,7 +145,9 @@ async fn work_one(backend: &Backend, link: &mut Link) -> anyhow::Result<bool> {
                 job = job.id,
                 post = job.post_id,
                 attempts = job.attempts + 1,
-                "fan-out failed, retrying in {delay:?}: {why}"
+                retry_in = ?delay,
+                error = %why,
+                "fan-out failed, retrying"
             );
             // Whatever broke, the next job starts on a fresh broker link.
             link.reset(&backend.brokers);
@@ -369,7 +371,7 @@ impl RingView {
                     Ok(Err(e)) => format!("{e:#}"),
                     _ => format!("no answer within {MEMBERSHIP_TIMEOUT:?}"),
                 };
-                tracing::warn!("gateway membership unreadable ({why}): publishing with the last view");
+                tracing::warn!(error = %why, "gateway membership unreadable: publishing with the last view");
                 self.last.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(|| Ring::new([]))
             }
         }

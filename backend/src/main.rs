@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     // Without its background thread, jemalloc purges only when the program
     // allocates: an idle process would keep a burst's pages.
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::warn!("jemalloc background thread not enabled: {e}");
+        tracing::warn!(error = %e, "jemalloc background thread not enabled");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async {

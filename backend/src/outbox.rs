@@ -192,7 +192,9 @@ pub async fn listen(config: tokio_postgres::Config, queue: String, wake: Arc<Not
     loop {
         match listen_once(&config, &queue, &wake, &shutdown).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!("outbox listener lost PostgreSQL: {e:#}; workers poll until it is back"),
+            Err(e) => {
+                tracing::warn!(error = %format_args!("{e:#}"), "outbox listener lost PostgreSQL; workers poll until it is back")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -63,7 +63,7 @@ pub async fn create(
     tx.commit().await?;
     if let Err(e) = backend.feed.put_post(&post).await {
         // Only a cache: readers fall back to PostgreSQL, and the job caches it.
-        tracing::warn!(post = post.id, "could not cache post body: {e}");
+        tracing::warn!(post = post.id, error = %e, "could not cache post body");
     }
     Ok(Json(post.id))
 }
@@ -93,7 +93,7 @@ pub async fn update(
     // Feeds hold ids; the one cached body is all there is to update.
     let post = Post { id: req.id, text: req.text, author_user_id: me };
     if let Err(e) = backend.feed.put_post(&post).await {
-        tracing::warn!(post = post.id, "could not cache the new body (its job will): {e}");
+        tracing::warn!(post = post.id, error = %e, "could not cache the new body (its job will)");
     }
     Ok(ok())
 }
@@ -116,7 +116,7 @@ pub async fn delete(
     tx.commit().await?;
     // Without its body the post drops out of every feed read at once.
     if let Err(e) = backend.feed.forget_post(&id).await {
-        tracing::warn!(post = id, "could not drop the cached body (its job will): {e}");
+        tracing::warn!(post = id, error = %e, "could not drop the cached body (its job will)");
     }
     Ok(ok())
 }
@@ -142,7 +142,7 @@ pub async fn feed(
     match backend.feed.page(&backend.db, &me, q.offset, q.limit).await {
         Ok(posts) => Ok(Json(posts)),
         Err(ApiError::Unavailable(why)) if why.starts_with("redis") => {
-            tracing::warn!("feed cache unavailable, reading PostgreSQL: {why}");
+            tracing::warn!(error = %why, "feed cache unavailable, reading PostgreSQL");
             Ok(Json(feed::page_from_db(&backend.db, &me, q.offset, q.limit).await?))
         }
         Err(e) => Err(e),

@@ -117,7 +117,7 @@ async fn upkeep(backend: Arc<Backend>, stop: CancellationToken) {
         };
         match read.await {
             Ok((jobs, failing, oldest)) => backend.metrics.outbox(jobs, failing, oldest),
-            Err(e) => tracing::debug!("outbox gauges not updated: {e:#}"),
+            Err(e) => tracing::debug!(error = %format_args!("{e:#}"), "outbox gauges not updated"),
         }
     }
 }

@@ -73,7 +73,7 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
                 (b.tokens + now.duration_since(b.at).as_secs_f64() / self.refill.as_secs_f64()) < self.burst
             });
             if map.len() >= MAX_TRACKED {
-                tracing::warn!("login throttle full ({MAX_TRACKED} keys): not tracking a new one");
+                tracing::warn!(keys = MAX_TRACKED, "login throttle full: not tracking a new one");
                 return;
             }
         }

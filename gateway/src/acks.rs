@@ -154,6 +154,6 @@ pub async fn confirmed(confirms: Vec<PublisherConfirm>) -> anyhow::Result<()> {
 }
 
 fn fail(failed: &CancellationToken, e: anyhow::Error) {
-    tracing::warn!("acknowledging deliveries failed: {e:#}; the broker connection is renewed");
+    tracing::warn!(error = %format_args!("{e:#}"), "acknowledging deliveries failed; the broker connection is renewed");
     failed.cancel();
 }

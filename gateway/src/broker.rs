@@ -83,7 +83,7 @@ pub async fn run(gw: Arc<Gateway>) {
             }
             Err(e) => {
                 gw.metrics.broker_reconnects.increment(1);
-                tracing::warn!("broker connection lost: {e:#}; retrying in {backoff:?}");
+                tracing::warn!(error = %format_args!("{e:#}"), retry_in = ?backoff, "broker connection lost");
             }
         }
         tokio::select! {
@@ -253,7 +253,7 @@ async fn leave(gw: &Gateway, ch: &Channel, queue: &str) {
         return;
     }
     if let Err(e) = ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await {
-        tracing::warn!(queue, "could not delete queue on shutdown: {e}");
+        tracing::warn!(queue, error = %e, "could not delete queue on shutdown");
     }
 }
 

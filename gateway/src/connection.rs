@@ -13,6 +13,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
+use tracing::Instrument;
 
 use crate::close::{CloseCode, CloseReason};
 use crate::frame::{self, ClientFrame, FrameReader, ReadError};
@@ -76,7 +77,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
     // notices anything (and that much kernel memory per device). Bounded,
     // the send queue overflows (4008) soon after the device stops reading.
     if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(gw.config.device_send_buffer) {
-        tracing::debug!("setting SO_SNDBUF: {e}");
+        tracing::debug!(error = %e, "setting SO_SNDBUF failed");
     }
     let (rd, mut wr) = stream.into_split();
     // Bytes the client sent right behind its handshake come first. They are
@@ -105,6 +106,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
         }
     };
     gw.metrics.opened_ok.increment(1);
+    device.span(gw.config.node_id()).in_scope(|| tracing::debug!(since = since.as_deref(), "device connected"));
     // The ring may have moved this user between the ownership check and
     // the registration; a reconcile that ran before it did not see this
     // device, so check again now that it is visible.
@@ -193,6 +195,7 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
         None => (&mut writer).await.unwrap_or(None),
     };
     gw.sessions.unregister(&device);
+    device.span(gw.config.node_id()).in_scope(|| tracing::debug!(linger = ?lingering, "device closed"));
     if let Some(d) = lingering {
         Box::pin(linger_for(&mut rd, d)).await;
     }
@@ -207,6 +210,10 @@ pub async fn serve(gw: Arc<Gateway>, upgraded: Upgraded, req: Request) {
 /// and live events queued meanwhile are dropped: delivering them would
 /// move the client's next `since` past the gap.
 pub(crate) async fn recover(gw: &Gateway, device: &Device, since: &str) {
+    recover_in_span(gw, device, since).instrument(device.span(gw.config.node_id())).await
+}
+
+async fn recover_in_span(gw: &Gateway, device: &Device, since: &str) {
     match gw.recoveries.replay(gw, &device.user, since).await {
         Ok(replay) => {
             let now = contract::event::now_micros();
@@ -224,9 +231,10 @@ pub(crate) async fn recover(gw: &Gateway, device: &Device, since: &str) {
                 frames
             });
             gw.metrics.recovered.increment(pushed as u64);
+            tracing::debug!(since, replayed = pushed, cut = replay.cut.is_some(), "recovered");
         }
         Err(e) => {
-            tracing::warn!("{e}");
+            tracing::warn!(since, error = %e, "recovery failed: closing the device with 1011");
             device.outbox.close_discarding(Close::Frame { code: CloseCode::Internal, reason: e.to_string() });
             gw.metrics.closed(CloseReason::RecoveryFailed);
         }
@@ -354,7 +362,8 @@ async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> Op
                 } else {
                     rest.into_iter().chain([close_frame]).collect()
                 };
-                return Box::pin(finish_in_raised_buffer(wr, tail)).await;
+                let span = device.span(gw.config.node_id());
+                return Box::pin(finish_in_raised_buffer(wr, tail).instrument(span)).await;
             }
             Ok(Wrote::Behind { next, rest }) => {
                 // Frames before `next` are on the wire (or will be, `rest`).
@@ -363,7 +372,7 @@ async fn write_batches(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device) -> Op
                 return Box::pin(close_behind(gw, wr, device, rest, n - sent)).await;
             }
             Err(e) => {
-                tracing::debug!(device = device.id, "write failed: {e}");
+                device.span(gw.config.node_id()).in_scope(|| tracing::debug!(error = %e, "write failed"));
                 gw.metrics.write_failed.increment(n as u64);
                 if device.outbox.close(Close::Abort) {
                     gw.metrics.closed(CloseReason::WriteFailed);
@@ -416,7 +425,7 @@ async fn close_behind(
     gw.metrics.dropped_slow.increment((unsent + queued) as u64);
     let Close::Frame { code, reason } = close else { return None };
     let tail = rest.into_iter().chain([frame::close(code, &reason)]).collect();
-    finish_in_raised_buffer(wr, tail).await
+    finish_in_raised_buffer(wr, tail).instrument(device.span(gw.config.node_id())).await
 }
 
 /// Writes `bufs` (the rest of a frame in progress and a close frame) to a

@@ -90,7 +90,7 @@ impl Departed {
     pub async fn unbind(&self, slot: u16) {
         if let Err(e) = bindings::unbind(&self.ch, &self.queue, slot).await {
             // The queue is gone: another survivor drained and deleted it.
-            tracing::debug!(queue = self.queue, "departed queue not unbound: {e}");
+            tracing::debug!(queue = self.queue, error = %e, "departed queue not unbound");
         }
     }
 
@@ -117,7 +117,7 @@ impl Departed {
             };
             match result {
                 Ok(()) => tracing::info!(queue, drained = total, "took over a departed node's queue"),
-                Err(e) => tracing::debug!(queue, "departed queue not drained (another survivor may have): {e}"),
+                Err(e) => tracing::debug!(queue, error = %e, "departed queue not drained (another survivor may have)"),
             }
             // Finished once the queue is gone. When the broker connection
             // went meanwhile, the next one resumes the take-over.
@@ -128,7 +128,7 @@ impl Departed {
                 Err(e) if crate::rebalance::is_not_found(&e) => {
                     unfinished.lock().remove(&queue);
                 }
-                Err(e) => tracing::debug!(queue, "departed queue not deleted: {e}"),
+                Err(e) => tracing::debug!(queue, error = %e, "departed queue not deleted"),
             }
             let _ = ch.close(200, "departed queue taken over".into()).await;
             let _ = pub_ch.close(200, "departed queue taken over".into()).await;

@@ -34,7 +34,7 @@ pub fn dispatch(gw: &Gateway, delivery: &Delivery, source: Source) -> Option<Vec
         Ok(m) => m,
         Err(e) => {
             gw.metrics.broker_bad_messages.increment(1);
-            tracing::warn!(routing_key = %delivery.routing_key, "unreadable broker message: {e}");
+            tracing::warn!(routing_key = %delivery.routing_key, error = %e, "unreadable broker message");
             return None;
         }
     };

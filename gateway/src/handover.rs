@@ -82,7 +82,7 @@ async fn routes_to_me(gw: &Gateway, peer: &Member, slots: &[u16]) -> bool {
     let owners = match tokio::time::timeout(PEER_TIMEOUT, ring_of(&hostport)).await {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
-            tracing::debug!(peer = peer.node_id, "could not read its ring: {e:#}");
+            tracing::debug!(peer = peer.node_id, error = %format_args!("{e:#}"), "could not read its ring");
             return false;
         }
         Err(_) => return false,

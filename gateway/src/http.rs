@@ -11,6 +11,7 @@ use contract::token::{self, Claims, TokenError};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use tracing::Instrument;
 
 use crate::state::{Gateway, SocketGuard};
 use crate::takeover::Takeover;
@@ -27,8 +28,43 @@ pub async fn handle(
     takeover: Takeover,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // Every log line of the request (a refusal, a proxy failure, the
+    // upgrade) carries its id, which the answer carries too. The span ends
+    // with the answer: an upgraded device logs under its own (`Device::span`).
+    let request_id = request_id(&gw, &req);
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %req.method(), path = req.uri().path());
+    let mut resp = dispatch(gw, guard, takeover, req).instrument(span.clone()).await;
+    span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "answered"));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    Ok(resp)
+}
+
+/// The caller's `x-request-id` if sane (as the backend takes it), else
+/// this node's id and a counter: unique in the cluster, and no allocation
+/// beyond the string.
+fn request_id(gw: &Gateway, req: &Request<Incoming>) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            format!("{}-{:x}", gw.config.node_id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        })
+}
+
+async fn dispatch(
+    gw: Arc<Gateway>,
+    guard: Arc<SocketGuard>,
+    takeover: Takeover,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path();
-    let resp = match (req.method(), path) {
+    match (req.method(), path) {
         // An upgrade request is a WebSocket whatever its `Accept` says.
         (&Method::GET, p)
             if WS_PATHS.contains(&p)
@@ -62,8 +98,7 @@ pub async fn handle(
             ),
         }),
         _ => message(StatusCode::NOT_FOUND, "not found"),
-    };
-    Ok(resp)
+    }
 }
 
 async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<Incoming>) -> Response<Body> {
@@ -132,7 +167,7 @@ async fn websocket(gw: Arc<Gateway>, guard: Arc<SocketGuard>, mut req: Request<I
                 let req = connection::Request { user: claims.sub, token_expires_at: claims.exp, since };
                 connection::serve(task_gw, ws.into_inner().into_inner(), req).await
             }
-            Err(e) => tracing::debug!("upgrade failed: {e}"),
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
     resp.map(|_| Full::new(Bytes::new()))

@@ -294,12 +294,12 @@ pub async fn run(gw: Arc<Gateway>) {
                 // Dropped only once every node can see it: the others follow
                 // the evicted hash, and the node itself will find it there.
                 Ok(Ok(())) => {
-                    tracing::warn!(node = id, incarnation = inc, "dropping member: {why}");
+                    tracing::warn!(node = id, incarnation = inc, reason = why, "dropping member");
                     peers.remove(&id);
                     gw.metrics.members_evicted.increment(1);
                 }
-                Ok(Err(e)) => tracing::warn!(node = id, "could not record eviction: {e}"),
-                Err(_) => tracing::warn!(node = id, "could not record eviction: timed out"),
+                Ok(Err(e)) => tracing::warn!(node = id, error = %e, "could not record eviction"),
+                Err(_) => tracing::warn!(node = id, error = "timed out", "could not record eviction"),
             }
         }
 
@@ -345,7 +345,7 @@ pub async fn run(gw: Arc<Gateway>) {
         let tombstone = serde_json::to_string(&tombstone).expect("record");
         let left: Result<(), _> = redis::cmd("HSET").arg(&key).arg(&me).arg(tombstone).query_async(c).await;
         if let Err(e) = left {
-            tracing::warn!("could not leave the ring: {e}");
+            tracing::warn!(error = %e, "could not leave the ring");
         }
     }
 }
@@ -382,7 +382,7 @@ async fn refused(url: &str) -> bool {
 
 fn fail(gw: &Gateway, conn: &mut Option<MultiplexedConnection>, last_ok: &mut Option<Instant>, why: &str) {
     if gw.membership_ready.swap(false, Ordering::Relaxed) {
-        tracing::warn!("membership heartbeat failed: {why}");
+        tracing::warn!(error = why, "membership heartbeat failed");
     }
     *conn = None;
     *last_ok = None;

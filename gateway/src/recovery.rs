@@ -119,7 +119,7 @@ impl Recoveries {
             match tokio::time::timeout(READ_TIMEOUT, self.read(gw, user, since)).await {
                 Ok(Ok(replay)) => Ok(Arc::new(replay)),
                 Ok(Err(e)) => {
-                    tracing::warn!("feed recovery failed: {e}");
+                    tracing::warn!(user = %user, error = %e, "feed recovery failed");
                     Err(RecoveryError::Unavailable)
                 }
                 Err(_) => Err(RecoveryError::TimedOut),

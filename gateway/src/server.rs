@@ -48,7 +48,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => accept(&gw, stream, peer.ip()),
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
             },
@@ -59,7 +59,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
 
     // Phases, each with a deadline, so a stop ends well inside the
     // supervisor's grace even when Redis or the broker do not answer.
-    tracing::info!("shutting down: closing {} devices", gw.sessions.device_count());
+    tracing::info!(devices = gw.sessions.device_count(), "shutting down: closing the devices");
     gw.shutdown.cancel(); // Leaves the ring; stops the keepalive.
     phase("leaving the ring", membership).await;
     phase("stopping the keepalive", keepalive).await;
@@ -80,7 +80,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
     });
     gw.tasks.close();
     if tokio::time::timeout(gw.config.shutdown_grace, gw.tasks.wait()).await.is_err() {
-        tracing::warn!("grace period over with {} devices still open", gw.sessions.device_count());
+        tracing::warn!(devices = gw.sessions.device_count(), "grace period over with devices still open");
     }
     match gw.failure() {
         Some(why) => Err(anyhow::anyhow!(why)),
@@ -93,7 +93,7 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(3);
 
 async fn phase(what: &str, task: tokio::task::JoinHandle<()>) {
     if tokio::time::timeout(PHASE_DEADLINE, task).await.is_err() {
-        tracing::warn!("shutdown: {what} took longer than {PHASE_DEADLINE:?}; going on");
+        tracing::warn!(phase = what, deadline = ?PHASE_DEADLINE, "shutdown phase took longer than its deadline; going on");
     }
 }
 
@@ -151,7 +151,7 @@ fn accept(gw: &Arc<Gateway>, stream: TcpStream, ip: std::net::IpAddr) {
         // connection future ends then) or the deadline ends it.
         let _pending = pending;
         tokio::select! {
-            r = conn.as_mut() => { if let Err(e) = r { tracing::debug!("http connection: {e}"); } }
+            r = conn.as_mut() => { if let Err(e) = r { tracing::debug!(error = %e, "http connection ended"); } }
             _ = tokio::time::sleep(gw.config.handshake_timeout) => {
                 gw.metrics.handshake_timeouts.increment(1);
             }

@@ -50,6 +50,17 @@ pub struct Device {
     pub registered_at_us: u64,
 }
 
+impl Device {
+    /// The span of this device's log lines (node, user, device, transport).
+    /// Made for the lines a device writes (connected, recovered, closed, a
+    /// write that failed), not held for its whole life: a live span costs
+    /// the log subscriber an allocation and formatted fields, and an idle
+    /// device must stay small.
+    pub fn span(&self, node: &str) -> tracing::Span {
+        tracing::info_span!("device", node, user = %self.user, device = self.id, transport = self.transport.label())
+    }
+}
+
 /// What delivering one frame to one user did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {

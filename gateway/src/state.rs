@@ -180,13 +180,13 @@ impl Gateway {
         self.incarnation.send_replace(new);
         self.metrics.fenced.increment(1);
         self.metrics.fenced_closes.increment(closed as u64);
-        tracing::warn!(old, new, closed, "fenced: {why}; devices closed, rejoining as a new incarnation");
+        tracing::warn!(old, new, closed, reason = %why, "fenced: devices closed, rejoining as a new incarnation");
     }
 
     /// A part of the node failed for good: the node stops, and the process
     /// exits non-zero.
     pub fn fail(&self, why: String) {
-        tracing::error!("{why}");
+        tracing::error!(reason = %why, "the node failed");
         self.failure.lock().get_or_insert(why);
         self.failed.cancel();
     }

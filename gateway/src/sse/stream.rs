@@ -36,10 +36,10 @@ pub(super) fn tune(gw: &Gateway, stream: &TcpStream) {
     // Bounded like a WebSocket device's (see `connection`): a client that
     // stops reading overflows its send queue (4008) soon after.
     if let Err(e) = sock.set_send_buffer_size(gw.config.device_send_buffer) {
-        tracing::debug!("setting SO_SNDBUF: {e}");
+        tracing::debug!(error = %e, "setting SO_SNDBUF failed");
     }
     if let Err(e) = sock.set_tcp_user_timeout(Some(gw.config.ping_interval * USER_TIMEOUT_PINGS)) {
-        tracing::debug!("setting TCP_USER_TIMEOUT: {e}");
+        tracing::debug!(error = %e, "setting TCP_USER_TIMEOUT failed");
     }
 }
 
@@ -49,8 +49,10 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, device: Arc<Device>, sin
     tune(&gw, &stream);
     let (mut rd, wr) = stream.into_split();
     // Boxed: a device's task is as big as its largest await state.
+    device.span(gw.config.node_id()).in_scope(|| tracing::debug!(since = since.as_deref(), "device connected"));
     let wrote_close = Box::pin(run(&gw, &rd, &wr, &device, since)).await;
     gw.sessions.unregister(&device);
+    device.span(gw.config.node_id()).in_scope(|| tracing::debug!(wrote_close, "device closed"));
     // Dropping the write half sends FIN; the client reads the close event
     // before anything else happens to the socket.
     drop(wr);
@@ -62,7 +64,7 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, device: Arc<Device>, sin
 /// Returns whether the stream ended with a close event.
 async fn run(gw: &Gateway, rd: &OwnedReadHalf, wr: &OwnedWriteHalf, device: &Device, since: Option<String>) -> bool {
     if let Err(e) = write_all(wr, &mut [wire::head()], WRITE_STALL_TIMEOUT).await {
-        tracing::debug!(device = device.id, "writing the SSE head failed: {e}");
+        device.span(gw.config.node_id()).in_scope(|| tracing::debug!(error = %e, "writing the SSE head failed"));
         return false;
     }
     if let Some(since) = since {
@@ -79,7 +81,7 @@ async fn run(gw: &Gateway, rd: &OwnedReadHalf, wr: &OwnedWriteHalf, device: &Dev
             }
             r = rd.readable() => {
                 if let Err(e) = r {
-                    tracing::debug!(device = device.id, "SSE socket: {e}");
+                    device.span(gw.config.node_id()).in_scope(|| tracing::debug!(error = %e, "SSE socket failed"));
                     device.outbox.close(Close::Abort);
                     return false;
                 }
@@ -139,7 +141,7 @@ async fn write_batch(gw: &Gateway, wr: &OwnedWriteHalf, device: &Device, batch: 
     }
     let stall = if close.is_some() { CLOSE_WRITE_TIMEOUT } else { WRITE_STALL_TIMEOUT };
     if let Err(e) = Box::pin(write_all(wr, &mut bufs, stall)).await {
-        tracing::debug!(device = device.id, "write failed: {e}");
+        device.span(gw.config.node_id()).in_scope(|| tracing::debug!(error = %e, "write failed"));
         gw.metrics.write_failed.increment(n as u64);
         device.outbox.close(Close::Abort);
         return Some(false);

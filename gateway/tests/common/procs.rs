@@ -60,6 +60,28 @@ impl GatewayProc {
         GatewayProc { child, addr, id: id.to_owned() }
     }
 
+    /// Starts a node on a free port whose log (standard error) goes to
+    /// `log`, with `env` on top (`LOG_FORMAT`, `RUST_LOG`): for tests of
+    /// what the binary writes.
+    pub fn spawn_logging_to(services: &Services, log: &std::path::Path, env: &[(&str, &str)]) -> GatewayProc {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let id = unique("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--listen", &addr.to_string(), "--node-id", &id, "--advertise-url", &format!("ws://{addr}")])
+            .env("JWT_SECRET", SECRET)
+            .env("MEMBERSHIP_KEY", &services.membership_key)
+            .env("AMQP_URL", &services.amqp_url)
+            .env("REDIS_URL", &services.redis_url)
+            .env_remove("LOG_FORMAT")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("gateway binary starts");
+        GatewayProc { child, addr, id }
+    }
+
     pub fn url(&self) -> String {
         format!("ws://{}", self.addr)
     }
