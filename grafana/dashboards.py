@@ -141,6 +141,21 @@ def gateway():
          "ops", "Closes the node decided: moved (4001), slow consumer (4008), frame too big (1009), ...")
     b.ts("Proxied connections", [(f"gateway_proxied_connections{{{N}}}", "{{node}}")], "short",
          "Devices this node relays to their owner (they entered through a non-owner).")
+    b.ts("Proxy failures/s by result",
+         [(f'sum by (result) (rate(gateway_connections_opened_total{{result=~"proxy_.*", {N}}}[{R}]))', "{{result}}")],
+         "reqps", "Devices that entered a non-owner and could not be relayed: owner unreachable or slow (502/504), "
+         "no ws:// address, or the owner's own refusal passed on. Alert: ProxyFailing.")
+    b.stat("Devices closed by reason (range)",
+           [(f"sum by (reason) (increase(gateway_connections_closed_total{{{N}}}[$__range]))", "{{reason}}")],
+           "none", steps(GREEN, (1, ORANGE)),
+           "Every way a device ended in the dashboard's range, one value per reason (0 included): after a node's "
+           "death its devices reconnect elsewhere; recovery_failed (1011) and slow_consumer (4008) are the ones to watch.",
+           w=12, h=6)
+    b.stat("Refused connection attempts (range)",
+           [(f'sum by (result) (increase(gateway_connections_opened_total{{result!="ok", {N}}}[$__range]))', "{{result}}")],
+           "none", steps(GREEN, (1, ORANGE)),
+           "Attempts that did not become a device, by why (auth, capacity, draining, device limit, ring changing, "
+           "proxy failures). Alert: ConnectionAttemptsFailing.", w=12, h=6)
     b.row("Delivery")
     b.ts("Broker messages/s per node", [(f"sum by (node) (rate(gateway_broker_messages_total{{{N}}}[{R}]))", "{{node}}"),
                                         (f"sum(rate(gateway_broker_bad_messages_total{{{N}}}[{R}]))", "malformed")],
@@ -223,6 +238,15 @@ def backend():
          "ops", "One job per post, update or deletion.")
     b.ts("Fan-out recipients/s", [(f"sum(rate(backend_fanout_recipients_total[{R}]))", "recipients")], "ops",
          "Followers whose feed (and devices) a job reached.")
+    b.ts("Fan-out lag p50 / p99 (post written to job done)",
+         [(f"histogram_quantile({q}, sum by (le) (rate(backend_fanout_lag_seconds_bucket[{R}])))", name)
+          for q, name in ((0.5, "p50"), (0.99, "p99"))],
+         "s", "From a post's outbox row (written with the post) to its fan-out job done: every realtime event "
+         "published and every feed written. Empty (NaN) while no job finishes.", thresholds=steps(GREEN, (5, RED)))
+    b.ts("Fan-out parts p99 (realtime vs feeds)",
+         [(f"histogram_quantile(0.99, sum by (part, le) (rate(backend_fanout_part_seconds_bucket[{R}])))", "{{part}}")],
+         "s", "From a create job's start to the end of each part, run at once: realtime (events published) should end "
+         "well before feeds (follower feeds written) on a large audience.")
     b.ts("Events published/s (broker messages)", [(f"sum(rate(backend_events_published_total[{R}]))", "events")], "ops",
          "Broker messages published with confirms.")
     b.row("Stores")
