@@ -23,7 +23,8 @@ use crate::state::{Gateway, SocketGuard};
 
 /// Header marking a proxied upgrade; its value is the proxying node's id.
 pub const PROXIED_HEADER: &str = "x-feed-proxied";
-/// Connecting to the owner and reading its answer must take less than this.
+/// Connecting to the owner and reading its answer must take less than
+/// this, and less than half the handshake timeout (see `owner_timeout`).
 const OWNER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest upgrade answer head accepted from the owner.
 const MAX_HEAD: usize = 8 * 1024;
@@ -52,7 +53,6 @@ pub async fn proxy(
         Err(resp) => return resp,
     };
     if status != 101 {
-        gw.metrics.proxy_failed(ProxyFailure::OwnerRefused);
         return refusal(status, &answer);
     }
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -96,7 +96,8 @@ pub(crate) struct Answer {
 /// from the owner's `host:port`, and reads the answer head, all within
 /// `OWNER_TIMEOUT`. After status `ok` (101 for a WebSocket, 200 for an SSE
 /// stream) the stream goes on; any other answer is read with its body.
-/// The error is the answer to give the client.
+/// The error is the answer to give the client. Every failure, a refusal
+/// included, is counted (`Metrics::proxy_failed`) here, for both transports.
 pub(crate) async fn dial_owner(
     gw: &Gateway,
     owner: &Member,
@@ -117,8 +118,13 @@ pub(crate) async fn dial_owner(
         let (status, answer, rest) = read_head(&mut s, ok).await?;
         Ok::<_, std::io::Error>(Answer { stream: s, status, head: answer, rest })
     };
-    match tokio::time::timeout(OWNER_TIMEOUT, dial).await {
-        Ok(Ok(answer)) => Ok(answer),
+    match tokio::time::timeout(owner_timeout(gw), dial).await {
+        Ok(Ok(answer)) => {
+            if answer.status != ok {
+                gw.metrics.proxy_failed(ProxyFailure::OwnerRefused);
+            }
+            Ok(answer)
+        }
         Ok(Err(e)) => {
             gw.metrics.proxy_failed(ProxyFailure::OwnerUnreachable);
             tracing::warn!(owner = owner.node_id, error = %e, "proxy: the owner is unreachable");
@@ -126,10 +132,18 @@ pub(crate) async fn dial_owner(
         }
         Err(_) => {
             gw.metrics.proxy_failed(ProxyFailure::OwnerTimeout);
-            tracing::warn!(owner = owner.node_id, timeout = ?OWNER_TIMEOUT, "proxy: the owner did not answer");
+            tracing::warn!(owner = owner.node_id, timeout = ?owner_timeout(gw), "proxy: the owner did not answer");
             Err(message(StatusCode::GATEWAY_TIMEOUT, &format!("owner node {} did not answer", owner.node_id)))
         }
     }
+}
+
+/// How long the owner may take. The client's handshake timeout runs from
+/// its accept and cuts the connection without an answer: the owner's wait
+/// must end well inside it, so that the client gets its 504 (and the
+/// failure is counted as one) rather than a cut.
+fn owner_timeout(gw: &Gateway) -> Duration {
+    OWNER_TIMEOUT.min(gw.config.handshake_timeout / 2)
 }
 
 /// Headers of the owner's answer that describe its connection to us, not

@@ -65,7 +65,6 @@ pub async fn relay(
         }
     };
     if status != 200 {
-        gw.metrics.proxy_failed(crate::metrics::ProxyFailure::OwnerRefused);
         return refusal(status, &head);
     }
     let Some(client) = takeover.take() else {
