@@ -4,8 +4,19 @@
 //! and query, marked with `x-feed-proxied` so the owner serves it itself
 //! whatever its ring says). When the owner answers 101, this node answers
 //! 101 too and copies bytes both ways. Either side closing closes both.
+//!
+//! After the handshake the relay holds the two raw sockets and nothing
+//! else: hyper's connection and its buffers are gone (the client's socket
+//! is taken back from the upgrade, as `connection` does), no WebSocket
+//! stack is involved (frames pass through as bytes, only their boundaries
+//! are tracked, in 32 bytes), and reads go to a buffer that lives for one
+//! poll. An idle relayed device costs its task and two sockets.
 
+use std::future::{Future, poll_fn};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,11 +25,15 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+use crate::close::CloseCode;
+use crate::connection::{CLOSE_WRITE_TIMEOUT, WRITE_STALL_TIMEOUT};
 use crate::http::{Body, message};
 use crate::metrics::ProxyFailure;
+use crate::sessions::Transport;
 use crate::state::{Gateway, SocketGuard};
 
 /// Header marking a proxied upgrade; its value is the proxying node's id.
@@ -48,7 +63,7 @@ pub async fn proxy(
              {PROXIED_HEADER}: {node_id}\r\n\r\n"
         )
     };
-    let Answer { stream: mut upstream, status, head: answer, rest } = match dial_owner(&gw, &owner, 101, head).await {
+    let Answer { stream: upstream, status, head: answer, rest } = match dial_owner(&gw, &owner, 101, head).await {
         Ok(a) => a,
         Err(resp) => return resp,
     };
@@ -63,21 +78,45 @@ pub async fn proxy(
     gw.tasks.spawn(async move {
         let _guard = guard;
         let Ok(ws) = upgrade.await else { return };
-        let mut client: TokioIo<hyper::upgrade::Upgraded> = ws.into_inner();
-        task_gw.metrics.proxied.increment(1.0);
-        task_gw.metrics.by_transport.of(crate::sessions::Transport::WebSocket).proxied.increment(1.0);
-        task_gw.metrics.proxied_total.increment(1);
-        let mut frames = Boundary::default();
-        frames.feed(&rest);
-        if client.write_all(&rest).await.is_ok() {
-            // Ends when either side closes or fails, or when this node shuts
-            // down; dropping both closes both.
-            let _ = relay(&task_gw, &mut client, &mut upstream, frames).await;
+        let Some((client, pre_read)) = raw_socket(ws.into_inner().into_inner()) else { return };
+        let m = &task_gw.metrics;
+        m.proxied.increment(1.0);
+        m.by_transport.of(Transport::WebSocket).proxied.increment(1.0);
+        m.proxied_total.increment(1);
+        // Bounded like a device the node serves itself (see `connection`).
+        if let Err(e) = socket2::SockRef::from(&client).set_send_buffer_size(task_gw.config.device_send_buffer) {
+            tracing::debug!("setting SO_SNDBUF: {e}");
         }
-        task_gw.metrics.proxied.decrement(1.0);
-        task_gw.metrics.by_transport.of(crate::sessions::Transport::WebSocket).proxied.decrement(1.0);
+        let (mut client, mut upstream) = (client, upstream);
+        if let Err(e) = Box::pin(relay(&task_gw, &mut client, &mut upstream, pre_read, rest)).await {
+            tracing::debug!("WebSocket relay ended: {e}");
+        }
+        m.proxied.decrement(1.0);
+        m.by_transport.of(Transport::WebSocket).proxied.decrement(1.0);
     });
     resp.map(|_| Full::new(Bytes::new()))
+}
+
+/// The client's raw socket, and the bytes it sent behind its handshake
+/// (copied out: hyper's `Bytes` is a view into its whole connection read
+/// buffer, see `connection::serve`), from hyper's upgraded connection.
+fn raw_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(TcpStream, Vec<u8>)> {
+    let parts = match upgraded.downcast::<TokioIo<crate::takeover::Socket>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return None;
+        }
+    };
+    let pre_read = parts.read_buf.to_vec();
+    drop(parts.read_buf);
+    match parts.io.into_inner().into_stream() {
+        Some(stream) => Some((stream, pre_read)),
+        None => {
+            tracing::error!("upgraded connection was taken over");
+            None
+        }
+    }
 }
 
 /// What the owner answered.
@@ -218,44 +257,146 @@ async fn read_head(s: &mut TcpStream, ok: u16) -> std::io::Result<(u16, String, 
 /// owner's stream is copied on to the end of the frame it is in, and the
 /// client gets a close frame with 1001 from here (so a proxied device is
 /// told to reconnect like the node's own devices), instead of a cut.
-async fn relay<C>(gw: &Gateway, client: &mut C, upstream: &mut TcpStream, mut frames: Boundary) -> std::io::Result<()>
-where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let (mut up_rd, mut up_wr) = upstream.split();
-    let (mut cl_rd, mut cl_wr) = tokio::io::split(client);
-    let to_owner = tokio::io::copy(&mut cl_rd, &mut up_wr);
-    tokio::pin!(to_owner);
-    let mut buf = vec![0u8; 4096];
+///
+/// An idle relayed device owns no buffer: each direction reads into a
+/// buffer on the stack of one poll and writes what it read on at once;
+/// only what the receiving socket does not take at once is copied out,
+/// while it waits for room.
+async fn relay(
+    gw: &Gateway,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    pre_read: Vec<u8>,
+    rest: Vec<u8>,
+) -> std::io::Result<()> {
+    let (mut cl_rd, cl_wr) = client.split();
+    let (mut up_rd, up_wr) = upstream.split();
+    // What each side sent before the relay began: the client behind its
+    // request, the owner behind its 101.
+    write_all(&up_wr, &pre_read, WRITE_STALL_TIMEOUT).await?;
+    drop(pre_read);
+    let mut frames = Boundary::default();
+    frames.feed(&rest);
+    write_all(&cl_wr, &rest, WRITE_STALL_TIMEOUT).await?;
+    drop(rest);
     let mut stopping = false;
     loop {
         if stopping && frames.at_boundary() {
-            let close = crate::frame::close(crate::close::CloseCode::GoingAway, "node shutting down");
-            cl_wr.write_all(&close).await?;
-            return cl_wr.shutdown().await;
+            let close = crate::frame::close(CloseCode::GoingAway, "node shutting down");
+            write_all(&cl_wr, &close, CLOSE_WRITE_TIMEOUT).await?;
+            // The client answers with its own close: read it (for a
+            // while), so that closing the socket does not reset the
+            // connection and discard the close frame on its way.
+            let _ = socket2::SockRef::from(cl_wr.as_ref()).shutdown(std::net::Shutdown::Write);
+            let _ = tokio::time::timeout(CLOSE_LINGER, poll_fn(|cx| drain(cx, &mut cl_rd))).await;
+            return Ok(());
         }
         // While stopping, read no further than the end of the current frame.
-        let want = if stopping { frames.to_boundary().min(buf.len()) } else { buf.len() };
+        let limit = if stopping { frames.to_boundary() } else { usize::MAX };
         tokio::select! {
-            n = up_rd.read(&mut buf[..want]) => {
-                let n = n?;
-                if n == 0 {
-                    return Ok(());
-                }
-                frames.feed(&buf[..n]);
-                cl_wr.write_all(&buf[..n]).await?;
-            }
-            r = &mut to_owner => { r?; return Ok(()); }
+            r = poll_fn(|cx| pass(cx, &mut up_rd, &cl_wr, limit, Some(&mut frames))) => match r? {
+                Passed::Ended => return Ok(()),
+                Passed::All => {}
+                Passed::Partly(left) => write_all(&cl_wr, &left, WRITE_STALL_TIMEOUT).await?,
+            },
+            r = poll_fn(|cx| pass(cx, &mut cl_rd, &up_wr, usize::MAX, None)) => match r? {
+                Passed::Ended => return Ok(()),
+                Passed::All => {}
+                Passed::Partly(left) => write_all(&up_wr, &left, WRITE_STALL_TIMEOUT).await?,
+            },
             _ = gw.stop_consuming.cancelled(), if !stopping => stopping = true,
         }
     }
+}
+
+/// After the close frame, how long the client's answer is waited for.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// The most bytes read from one side at once.
+const CHUNK: usize = 16 * 1024;
+
+enum Passed {
+    /// The side read from ended its stream.
+    Ended,
+    All,
+    /// The other side's socket took only part; the rest, to write when it can.
+    Partly(Vec<u8>),
+}
+
+/// Reads what one side sent (at most `limit` bytes) into a buffer that
+/// lives only for this call, and writes it to the other side as far as
+/// its socket takes it without waiting.
+fn pass(
+    cx: &mut Context<'_>,
+    from: &mut ReadHalf<'_>,
+    to: &WriteHalf<'_>,
+    limit: usize,
+    frames: Option<&mut Boundary>,
+) -> Poll<std::io::Result<Passed>> {
+    let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
+    let mut buf = ReadBuf::uninit(&mut chunk[..limit.min(CHUNK)]);
+    // A short read clears the socket's readiness: no extra read to learn
+    // that nothing more is there.
+    if let Err(e) = std::task::ready!(Pin::new(from).poll_read(cx, &mut buf)) {
+        return Poll::Ready(Err(e));
+    }
+    let bytes = buf.filled();
+    if bytes.is_empty() {
+        return Poll::Ready(Ok(Passed::Ended));
+    }
+    if let Some(frames) = frames {
+        frames.feed(bytes);
+    }
+    let written = match to.try_write(bytes) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Poll::Ready(Err(e)),
+    };
+    Poll::Ready(Ok(if written == bytes.len() { Passed::All } else { Passed::Partly(bytes[written..].to_vec()) }))
+}
+
+/// Reads and discards until the stream ends or fails.
+fn drain(cx: &mut Context<'_>, from: &mut ReadHalf<'_>) -> Poll<()> {
+    let mut chunk = [MaybeUninit::<u8>::uninit(); 512];
+    loop {
+        let mut buf = ReadBuf::uninit(&mut chunk);
+        match std::task::ready!(Pin::new(&mut *from).poll_read(cx, &mut buf)) {
+            Ok(()) if !buf.filled().is_empty() => {}
+            _ => return Poll::Ready(()),
+        }
+    }
+}
+
+/// Writes all of `buf`, each wait for room bounded by `stall`. Boxed: a
+/// rare wait, kept out of an idle relay's task.
+fn write_all<'a>(
+    to: &'a WriteHalf<'_>,
+    buf: &'a [u8],
+    stall: Duration,
+) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>> {
+    Box::pin(async move {
+        let mut buf = buf;
+        while !buf.is_empty() {
+            match to.try_write(buf) {
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(stall, to.writable())
+                        .await
+                        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))??;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Where server frames end in the owner's byte stream (unmasked frames:
 /// two header bytes, an extended length of 2 or 8, a mask key if set).
 #[derive(Debug, Default)]
 struct Boundary {
-    header: Vec<u8>,
+    /// The header of the next frame, as far as it came (at most 14 bytes).
+    header: [u8; 14],
+    header_len: usize,
     /// Payload bytes left in the current frame once its header is read.
     payload_left: u64,
 }
@@ -287,17 +428,19 @@ impl Boundary {
                 bytes = &bytes[n..];
                 continue;
             }
-            self.header.push(bytes[0]);
+            self.header[self.header_len] = bytes[0];
+            self.header_len += 1;
             bytes = &bytes[1..];
-            if Boundary::header_len(&self.header) == Some(self.header.len()) {
-                self.payload_left = Boundary::payload_len(&self.header);
-                self.header.clear();
+            let header = &self.header[..self.header_len];
+            if Boundary::header_len(header) == Some(header.len()) {
+                self.payload_left = Boundary::payload_len(header);
+                self.header_len = 0;
             }
         }
     }
 
     fn at_boundary(&self) -> bool {
-        self.header.is_empty() && self.payload_left == 0
+        self.header_len == 0 && self.payload_left == 0
     }
 
     /// Bytes that may be read without passing the end of the current frame
