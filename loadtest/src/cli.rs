@@ -155,6 +155,11 @@ pub struct RunArgs {
     /// in Redis (--redis-url) holds it.
     #[arg(long)]
     pub celebrity: bool,
+    /// Each device first dials the gateways in turn, whoever owns its user
+    /// (as a load balancer in front of them would), instead of its owner:
+    /// with N nodes, (N-1)/N of the devices are then proxied.
+    #[arg(long)]
+    pub spread: bool,
 }
 
 fn parse_ip_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {

@@ -305,7 +305,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
             "source_ips": format!("{}-{}", args.source_ips.0, args.source_ips.1),
             "mode": format!("{:?}", args.mode).to_lowercase(),
             "target": format!("{:?}", args.target).to_lowercase(),
-            "recover": recover, "churn_per_s": args.churn,
+            "recover": recover, "churn_per_s": args.churn, "spread": args.spread,
         }),
     })
 }
@@ -359,6 +359,7 @@ fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, work
                 audience: population.audience,
                 nchan: args.target == Target::Nchan,
                 recover: args.recover || args.churn > 0.0,
+                spread: args.spread,
                 // The backend's post ids (UUIDv7, hex) all sort above "0";
                 // this run's users are new, so their feeds hold only its posts.
                 since_floor: (args.mode == Mode::E2e).then(|| E2E_SINCE_FLOOR.to_owned()),

@@ -52,6 +52,9 @@ pub struct Job {
     /// until the run stops; they stay expected all along.
     #[serde(default)]
     pub recover: bool,
+    /// Devices first dial the members in turn, not their owner (`--spread`).
+    #[serde(default)]
+    pub spread: bool,
 }
 
 /// A worker's reconnection counters (cumulative).

@@ -287,7 +287,13 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
         // Devices of one user are spread over the ramp, not back to back.
         let local = i % n_users;
         let global = job.first_user + local as u32;
-        let url = slice.ring.owner(slot_of(&job.users[local])).expect("ring has members").url.clone();
+        let url = if job.spread {
+            // Round-robin over the members: by user, shifted per device.
+            let members = slice.ring.members();
+            members[(global as usize + i / n_users) % members.len()].url.clone()
+        } else {
+            slice.ring.owner(slot_of(&job.users[local])).expect("ring has members").url.clone()
+        };
         let source = Ipv4Addr::from(lo + (i as u32 % (hi - lo + 1)));
         let (slice, state, stop) = (slice.clone(), state.clone(), stop.clone());
         let (user, run, recover) = (job.users[local].clone(), job.run, job.recover);
