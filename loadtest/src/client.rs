@@ -89,6 +89,54 @@ pub async fn connect_since(source: Ipv4Addr, ws_url: &str, token: &str, since: O
     Ok(ws)
 }
 
+/// Why a connection attempt failed, as one short label for the report:
+/// `refused` (nothing listens), `reset` (the server dropped the socket
+/// before answering, as a gateway over its pending cap may), `http_<code>`
+/// (the server answered with that status instead of 101),
+/// `closed_before_response`, `no_source_port`, `timeout` (counted by the
+/// caller), else `other`.
+pub fn failure_cause(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(ws) = cause.downcast_ref::<fastwebsockets::WebSocketError>() {
+            match ws {
+                fastwebsockets::WebSocketError::InvalidStatusCode(code) => return format!("http_{code}"),
+                fastwebsockets::WebSocketError::IoError(io) => return io_cause(io).to_owned(),
+                fastwebsockets::WebSocketError::HTTPError(h) => {
+                    if let Some(io) = std::error::Error::source(h).and_then(|s| s.downcast_ref::<std::io::Error>()) {
+                        return io_cause(io).to_owned();
+                    }
+                    if h.is_incomplete_message() || h.is_closed() {
+                        return "closed_before_response".to_owned();
+                    }
+                    return "http_error".to_owned();
+                }
+                _ => return "websocket_handshake".to_owned(),
+            }
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io_cause(io).to_owned();
+        }
+        if let Some(h) = cause.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed())
+        {
+            return "closed_before_response".to_owned();
+        }
+    }
+    "other".to_owned()
+}
+
+fn io_cause(io: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match io.kind() {
+        ConnectionRefused => "refused",
+        ConnectionReset | ConnectionAborted | BrokenPipe => "reset",
+        AddrNotAvailable | AddrInUse => "no_source_port",
+        TimedOut => "timeout",
+        UnexpectedEof => "closed_before_response",
+        _ => "io_other",
+    }
+}
+
 /// Why a device's connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
@@ -265,5 +313,47 @@ mod tests {
         assert!(event_id(7, 9) < event_id(7, 10) && since_floor(7) < event_id(7, 0));
         let other = contract::event::PostEvent::new("p", "hello", "a", 1);
         assert_eq!(parse_event(&serde_json::to_vec(&other).unwrap()), None);
+    }
+
+    async fn connect_error(url: &str) -> anyhow::Error {
+        match connect(Ipv4Addr::LOCALHOST, url, "t").await {
+            Ok(_) => panic!("{url}: connected"),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_connects_are_told_apart_by_cause() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Nothing listens on a port just freed.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let e = connect_error(&format!("ws://{free}")).await;
+        assert_eq!(failure_cause(&e), "refused", "{e:#}");
+        // A server that answers 503 (a gateway over capacity) or 429.
+        for (status, want) in [("503 Service Unavailable", "http_503"), ("429 Too Many Requests", "http_429")] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                s.write_all(head.as_bytes()).await.unwrap();
+            });
+            let e = connect_error(&format!("ws://{addr}")).await;
+            assert_eq!(failure_cause(&e), want, "{e:#}");
+            server.await.unwrap();
+        }
+        // A server that takes the request and closes without answering.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf).await;
+        });
+        let e = connect_error(&format!("ws://{addr}")).await;
+        server.await.unwrap();
+        assert!(["closed_before_response", "reset"].contains(&failure_cause(&e).as_str()), "{e:#}");
     }
 }

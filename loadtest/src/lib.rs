@@ -17,6 +17,7 @@
 //! - [`accounting`]: latency histograms, loss and duplicate counting.
 //! - [`series`]: per-second connections, deliveries and latency.
 //! - [`charts`]: SVG charts of the series.
+//! - [`cpu`]: the servers' CPU per delivery (publishing minus holding).
 //! - [`metrics`]: the load generator's own Prometheus metrics.
 //! - [`progress`]: progress bars for ramp-up and the run.
 //! - [`report`]: the JSON report, the summary table, gateway RSS.
@@ -27,6 +28,7 @@ pub mod audience;
 pub mod charts;
 pub mod cli;
 pub mod client;
+pub mod cpu;
 pub mod discovery;
 pub mod e2e;
 pub mod metrics;

@@ -31,6 +31,8 @@ pub struct Live {
     established: Vec<AtomicU64>,
     failed: Vec<AtomicU64>,
     reconnects: Vec<Mutex<Reconnects>>,
+    /// Per worker: how its ramp went (from its `Ready`).
+    ramps: Vec<Mutex<Ramp>>,
     /// Events received by all devices (duplicates too).
     pub received: AtomicU64,
     ready: AtomicUsize,
@@ -62,9 +64,38 @@ impl Live {
         total
     }
 
+    /// All workers' ramps together: failures by cause added up, the
+    /// earliest first attempt, the latest outcome, the longest minting.
+    pub fn ramp(&self) -> Ramp {
+        let mut total = Ramp::default();
+        for r in &self.ramps {
+            let r = r.lock();
+            for (cause, n) in &r.failed_by_cause {
+                *total.failed_by_cause.entry(cause.clone()).or_default() += n;
+            }
+            if r.first_attempt_us > 0 && (total.first_attempt_us == 0 || r.first_attempt_us < total.first_attempt_us) {
+                total.first_attempt_us = r.first_attempt_us;
+            }
+            total.last_outcome_us = total.last_outcome_us.max(r.last_outcome_us);
+            total.mint_us = total.mint_us.max(r.mint_us);
+        }
+        total
+    }
+
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
+}
+
+/// How a ramp-up went: failed attempts by cause, the window from the
+/// first attempt to the last outcome (unix micros), and the time spent
+/// minting tokens before it.
+#[derive(Debug, Clone, Default)]
+pub struct Ramp {
+    pub failed_by_cause: std::collections::BTreeMap<String, u64>,
+    pub first_attempt_us: u64,
+    pub last_outcome_us: u64,
+    pub mint_us: u64,
 }
 
 /// A worker's final result.
@@ -98,6 +129,7 @@ impl Pool {
             established: (0..n).map(|_| AtomicU64::new(0)).collect(),
             failed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             reconnects: (0..n).map(|_| Mutex::new(Reconnects::default())).collect(),
+            ramps: (0..n).map(|_| Mutex::default()).collect(),
             received: AtomicU64::new(0),
             ready: AtomicUsize::new(0),
             broken: Mutex::new(None),
@@ -214,7 +246,16 @@ async fn read_reports(worker: usize, first_user: usize, stdout: ChildStdout, liv
                 live.series.lock().add_tick(unix_s, open, received, &latency);
                 crate::metrics::on_tick(live.open(), received, &latency);
             }
-            Report::Ready { connected, established, failed } => {
+            Report::Ready {
+                connected,
+                established,
+                failed,
+                failed_by_cause,
+                first_attempt_us,
+                last_outcome_us,
+                mint_us,
+            } => {
+                *live.ramps[worker].lock() = Ramp { failed_by_cause, first_attempt_us, last_outcome_us, mint_us };
                 live.established[worker].store(established, Ordering::Relaxed);
                 live.failed[worker].store(failed, Ordering::Relaxed);
                 for (i, n) in connected.into_iter().enumerate() {

@@ -22,6 +22,10 @@ pub struct Report {
     pub broker_messages_published: u64,
     pub events_published: u64,
     pub deliveries_per_s: f64,
+    /// The servers' (gateways' or nginx's) CPU per delivery, kernel
+    /// included: publishing minus holding; none when nothing was published
+    /// or a server could not be read.
+    pub server_cpu: Option<crate::cpu::CpuReport>,
     pub latency_ms: LatencyMs,
     pub gateways: Vec<GatewayMemory>,
     /// Close codes the gateways sent to devices during the run.
@@ -52,6 +56,15 @@ pub struct Connections {
     pub target: u64,
     pub established: u64,
     pub failed: u64,
+    /// Failed attempts by cause: refused, reset, timeout, http_503, ...
+    pub failed_by_cause: BTreeMap<String, u64>,
+    /// From the first attempt of any worker to the last outcome of any
+    /// (without starting the workers and minting tokens), and the rate of
+    /// successful connects over it.
+    pub attempt_window_s: f64,
+    pub connects_per_s_in_window: f64,
+    /// The longest a worker spent minting its tokens (before its ramp).
+    pub token_minting_s: f64,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -158,6 +171,15 @@ impl Report {
             "connections   target {}  established {}  failed {}  ({:.0}/s over {:.1}s, {} workers)",
             c.target, c.established, c.failed, self.connect_rate_per_s, self.ramp_up_s, self.workers
         );
+        if c.attempt_window_s > 0.0 {
+            println!(
+                "connect rate  {:.0}/s from the first attempt to the last outcome ({:.2}s; tokens minted beforehand in {:.3}s)",
+                c.connects_per_s_in_window, c.attempt_window_s, c.token_minting_s
+            );
+        }
+        if !c.failed_by_cause.is_empty() {
+            println!("failed by     {:?}", c.failed_by_cause);
+        }
         println!(
             "events        {} published as {} broker messages",
             self.events_published, self.broker_messages_published
@@ -167,6 +189,12 @@ impl Report {
             m.expected, m.received, m.lost, m.duplicates, m.unexpected
         );
         println!("throughput    {:.0} deliveries/s", self.deliveries_per_s);
+        if let Some(c) = &self.server_cpu {
+            println!(
+                "server CPU    {:.2} us/delivery  ({:.2} CPU s over {:.1}s publishing, {:.2} cores; held: {:.2} CPU s over {:.1}s)",
+                c.us_per_delivery, c.publish_cpu_s, c.publish_window_s, c.publish_cores, c.hold_cpu_s, c.hold_window_s
+            );
+        }
         println!(
             "latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             l.p50, l.p90, l.p99, l.p999, l.max

@@ -18,6 +18,7 @@ use crate::accounting::{Receipts, merge_into, new_histogram, tally};
 use crate::audience::Audience;
 use crate::charts;
 use crate::cli::{Mode, RunArgs, Target};
+use crate::cpu;
 use crate::discovery;
 use crate::e2e;
 use crate::metrics;
@@ -160,8 +161,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     }
 
     // Nchan subscriptions reach the other nginx workers asynchronously.
+    // The servers' CPU while the devices are only held is read over the
+    // settle's second half (the first may still see the ramp's tail).
     let min_settle = if nchan { NCHAN_SETTLE } else { MIN_SETTLE };
-    tokio::time::sleep(min_settle.max(Duration::from_secs(args.settle))).await;
+    let settle = min_settle.max(Duration::from_secs(args.settle));
+    let cpu = match nchan {
+        true => cpu::Source::Nginx(args.nchan_pid_file.clone()),
+        false => cpu::Source::Gateways(ring.clone()),
+    };
+    tokio::time::sleep(settle / 2).await;
+    let hold_cpu0 = cpu.sample().await;
+    tokio::time::sleep(settle - settle / 2).await;
+    let hold_cpu1 = cpu.sample().await;
     pool.check()?;
     let rss_after = memory.read(&ring).await?;
     let conns_after = match nchan {
@@ -192,6 +203,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let bar = bars.run(args.duration, live.clone());
+    let publish_cpu0 = cpu.sample().await;
     let published = if args.rate > 0.0 || args.celebrity {
         match e2e.as_mut() {
             Some(session) => session.post(&plan, &live.connected_per_user, &live.series).await,
@@ -220,6 +232,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         pool.check()?;
         tokio::time::sleep(DRAIN_POLL).await;
     }
+    // Before the stop: closing the devices is not the deliveries' cost.
+    let publish_cpu1 = cpu.sample().await;
     let finished = pool.stop(expected.len() as u32).await?;
 
     let mut receipts = Receipts::default();
@@ -263,6 +277,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         })
         .collect();
     let series = live.series.lock().points(start_unix_s);
+    let server_cpu = published
+        .as_ref()
+        .and_then(|_| cpu::CpuReport::new((hold_cpu0, hold_cpu1), (publish_cpu0, publish_cpu1), messages.received));
     let e2e = match e2e {
         Some(session) => {
             let receipts = e2e::Receipts {
@@ -276,7 +293,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         None => None,
     };
     Ok(Report {
-        connections: Connections { target, established, failed: live.failed() },
+        connections: {
+            let r = live.ramp();
+            let window = r.last_outcome_us.saturating_sub(r.first_attempt_us) as f64 / 1e6;
+            Connections {
+                target,
+                established,
+                failed: live.failed(),
+                failed_by_cause: r.failed_by_cause,
+                attempt_window_s: window,
+                connects_per_s_in_window: if window > 0.0 { established as f64 / window } else { 0.0 },
+                token_minting_s: r.mint_us as f64 / 1e6,
+            }
+        },
         connect_rate_per_s: established as f64 / ramp.as_secs_f64().max(1e-3),
         ramp_up_s: ramp.as_secs_f64(),
         workers,
@@ -287,6 +316,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
             .map_or_else(|| published.as_ref().map_or(0, |p| p.messages), |e| e.backend.events_published),
         events_published: expected.len() as u64,
         deliveries_per_s,
+        server_cpu,
         latency_ms: LatencyMs::from_micros(&latency),
         gateways,
         close_codes,

@@ -118,7 +118,23 @@ pub enum Report {
     },
     /// Every device of the slice was attempted: the devices connected now
     /// per user of the slice, and the attempts that succeeded and failed.
-    Ready { connected: Vec<u32>, established: u64, failed: u64 },
+    Ready {
+        connected: Vec<u32>,
+        established: u64,
+        failed: u64,
+        /// Failed attempts by cause ([`crate::client::failure_cause`]).
+        #[serde(default)]
+        failed_by_cause: BTreeMap<String, u64>,
+        /// Unix micros of the first attempt and of the last attempt's
+        /// outcome: the connect rate's window, without process start-up.
+        #[serde(default)]
+        first_attempt_us: u64,
+        #[serde(default)]
+        last_outcome_us: u64,
+        /// Microseconds spent minting the slice's tokens (before the ramp).
+        #[serde(default)]
+        mint_us: u64,
+    },
     /// Final accounting after `Stop`.
     Done {
         receipts: Receipts,

@@ -156,10 +156,13 @@ fn loss_line(out: &mut String, job: &Job, events: u32, d: &Device) {
 struct Slice {
     ring: Ring,
     tokens: Vec<String>,
+    /// Microseconds it took to mint the tokens (done before the ramp).
+    mint_us: u64,
 }
 
 impl Slice {
     fn new(job: &Job) -> anyhow::Result<Slice> {
+        let minting = Instant::now();
         let members: Vec<Member> =
             job.members.iter().map(|m| m.parse()).collect::<Result<_, String>>().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(!members.is_empty(), "the job lists no gateway");
@@ -173,7 +176,8 @@ impl Slice {
             anyhow::ensure!(job.tokens.len() == job.users.len(), "one token per user");
             job.tokens.clone()
         };
-        Ok(Slice { ring: Ring::new(members), tokens })
+        let mint_us = minting.elapsed().as_micros() as u64;
+        Ok(Slice { ring: Ring::new(members), tokens, mint_us })
     }
 
     /// The URL of reconnection attempt `attempt` for `user`: the owner,
@@ -193,6 +197,12 @@ struct State {
     open: AtomicU64,
     established: AtomicU64,
     failed: AtomicU64,
+    /// Failed first attempts by cause.
+    failed_by_cause: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Unix micros of the first attempt and of the latest outcome.
+    first_attempt_us: AtomicU64,
+    last_outcome_us: AtomicU64,
+    mint_us: AtomicU64,
     per_user: Mutex<PerUser>,
     /// Per device (ramp-up order): whether it is connected now, and how
     /// churn tells it to close and reconnect.
@@ -216,6 +226,10 @@ impl State {
             open: AtomicU64::new(0),
             established: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            failed_by_cause: Mutex::default(),
+            first_attempt_us: AtomicU64::new(0),
+            last_outcome_us: AtomicU64::new(0),
+            mint_us: AtomicU64::new(0),
             per_user: Mutex::new(PerUser { connected: vec![0; users], ready: false, closed: Vec::new() }),
             churn: (0..devices).map(|_| Default::default()).collect(),
             reconnects: Mutex::new(Reconnects::default()),
@@ -246,7 +260,23 @@ impl State {
             connected: p.connected.clone(),
             established: self.established.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            failed_by_cause: self.failed_by_cause.lock().clone(),
+            first_attempt_us: self.first_attempt_us.load(Ordering::Relaxed),
+            last_outcome_us: self.last_outcome_us.load(Ordering::Relaxed),
+            mint_us: self.mint_us.load(Ordering::Relaxed),
         }
+    }
+
+    /// A first attempt failed, for `cause`.
+    fn failed(&self, cause: String) {
+        *self.failed_by_cause.lock().entry(cause).or_default() += 1;
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.outcome();
+    }
+
+    /// A first attempt ended (either way) now.
+    fn outcome(&self) {
+        self.last_outcome_us.fetch_max(contract::event::now_micros(), Ordering::Relaxed);
     }
 
     /// The report of the second that ends at `unix_s`; adds its latencies
@@ -270,12 +300,14 @@ impl State {
 /// Connects every device of the slice at the job's rate; returns once each
 /// has connected or failed.
 async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken) -> Vec<JoinHandle<Device>> {
+    state.mint_us.store(slice.mint_us, Ordering::Relaxed);
     let slice = Arc::new(slice);
     let n_users = job.users.len();
     let target = n_users * job.devices as usize;
     let connecting = Arc::new(Semaphore::new(MAX_CONNECTING));
     let (lo, hi) = (u32::from(job.source_ips.0), u32::from(job.source_ips.1));
     let started = Instant::now();
+    state.first_attempt_us.store(contract::event::now_micros(), Ordering::Relaxed);
     let mut devices = Vec::with_capacity(target);
     for i in 0..target {
         if stop.is_cancelled() {
@@ -306,15 +338,16 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
                 Ok(Ok(ws)) => ws,
                 Ok(Err(e)) => {
                     tracing::debug!("connect failed: {e:#}");
-                    state.failed.fetch_add(1, Ordering::Relaxed);
+                    state.failed(client::failure_cause(&e));
                     return Device { user: global, seqs: Vec::new(), timeline: Vec::new() };
                 }
                 Err(_) => {
                     tracing::debug!("connect timed out");
-                    state.failed.fetch_add(1, Ordering::Relaxed);
+                    state.failed("timeout".to_owned());
                     return Device { user: global, seqs: Vec::new(), timeline: Vec::new() };
                 }
             };
+            state.outcome();
             state.opened(local);
             let (connected, churn) = &state.churn[i];
             let (mut seqs, mut newest) = (Vec::new(), String::new());
