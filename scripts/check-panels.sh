@@ -4,15 +4,20 @@
 # plugin, the backend, 3 gateways, the Redis and PostgreSQL exporters and a
 # short load run during which one gateway is SIGKILLed. Then every query of
 # every panel of grafana/dashboards/*.json (template variables substituted)
-# is evaluated at an instant during the load run; the check fails on any
-# query that errors or returns nothing, and prints what each panel showed.
+# is evaluated at an instant during the load run, after the kill and the
+# survivors' take-over; the check fails on any query that errors or returns
+# nothing. What each panel's queries returned at that instant is written to
+# grafana/PANELS.md (dashboard, panel, query, values), so the figures of a
+# load run with a node killed are on record next to the dashboards.
 #
-#   scripts/check-panels.sh            (debug build; about 2 minutes)
+#   scripts/check-panels.sh            (debug build; about 2.5 minutes)
+#   PANELS_OUT=/tmp/p.md scripts/check-panels.sh   (write the table elsewhere)
 #
 # It never touches the shared services' configuration: RabbitMQ is a node
 # of its own on free ports; Redis and PostgreSQL are only used (a membership
 # key and a database of its own, dropped at the end). Everything it starts
-# it stops by pid.
+# it stops by pid and waits for: the RabbitMQ node by the pid in its pid
+# file (its epmd may serve other nodes and is left alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,12 +45,33 @@ NODE="panels$$@localhost"
 DB="feed_panels_$$"
 KEY="panels:$$:nodes"
 RMQ_ENV=(HOME="$D/rmq/home")
+# Stops a process by pid: TERM, up to $2 seconds for it to go, then KILL;
+# reaped when it is this shell's child.
+stop_pid() { # pid seconds
+  local pid=$1
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 $(($2 * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "check-panels: pid $pid still running after $2 s: KILL" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  wait "$pid" 2>/dev/null || true
+}
 cleanup() {
   local rc=$?
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 1
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  env "${RMQ_ENV[@]}" rabbitmqctl -n "$NODE" stop >/dev/null 2>&1 || true
+  set +e
+  # Last started first: the traffic and the load run before what they use.
+  local i
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[$i]}" 15; done
+  # The RabbitMQ node: asked to stop, then by the pid it wrote.
+  if [ -s "$D/rmq/node.pid" ]; then
+    local rmq_pid
+    rmq_pid=$(cat "$D/rmq/node.pid")
+    timeout 30 env "${RMQ_ENV[@]}" rabbitmqctl -n "$NODE" stop >/dev/null 2>&1
+    stop_pid "$rmq_pid" 20
+    kill -0 "$rmq_pid" 2>/dev/null && echo "check-panels: the RabbitMQ node (pid $rmq_pid) did not stop" >&2
+  fi
   redis-cli del "$KEY" >/dev/null 2>&1 || true
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
   if [ "$rc" = 0 ]; then rm -rf "$D"; else echo "check-panels: logs kept in $D" >&2; fi
@@ -82,6 +108,8 @@ say "starting RabbitMQ node $NODE on $AMQP_PORT (metrics on $RMQ_PROM_PORT)"
   RABBITMQ_CONF_ENV_FILE="$D/rmq/rabbitmq-env.conf" RABBITMQ_PID_FILE="$D/rmq/node.pid" \
   /usr/lib/rabbitmq/bin/rabbitmq-server -detached)
 wait_http "http://127.0.0.1:$RMQ_PROM_PORT/metrics" 60 "RabbitMQ's metrics endpoint"
+[ -s "$D/rmq/node.pid" ] || die "the RabbitMQ node wrote no pid file ($D/rmq/node.pid): it could not be stopped by pid"
+say "RabbitMQ node up, pid $(cat "$D/rmq/node.pid")"
 AMQP="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
 
 # --- The stack ---------------------------------------------------------------
@@ -186,6 +214,7 @@ PY
 prom_wait 'sum(loadtest_connections)' 'v >= 3900' 90 "4,000 load-test devices connected"
 prom_wait 'sum(rate(gateway_deliveries_total{result="sent"}[5s]))' 'v > 500' 60 "deliveries flowing"
 kill -KILL "${PIDS[3]}"   # gateway 3 (backend, gateway-1, gateway-2, gateway-3 were started in that order)
+KILL_AT=$(date +%s)
 say "gateway 3 killed at $(date +%T)"
 prom_wait 'up{job="gateway", node="panels-gw-3"}' 'v == 0' 20 "the killed gateway's target down"
 prom_wait 'sum(gateway_owned_slots{node!="panels-gw-3"})' 'v == 1024' 30 "the survivors owning all 1024 slots"
@@ -194,11 +223,12 @@ EVAL_AT=$(date +%s)       # during the run, after the kill: every panel should s
 wait "$LT_PID" || say "loadtest exited $? (its loss figures are not what this checks; see $D/loadtest.log)"
 
 # --- Evaluate every panel ----------------------------------------------------
-python3 - "$PROM_PORT" "$EVAL_AT" <<'PY'
-import glob, json, sys, urllib.parse, urllib.request
-port, at = sys.argv[1], sys.argv[2]
+OUT=${PANELS_OUT:-grafana/PANELS.md}
+python3 - "$PROM_PORT" "$EVAL_AT" "$KILL_AT" "$OUT" <<'PY'
+import datetime, glob, json, sys, urllib.parse, urllib.request
+port, at, kill_at, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 subst = {"$node": ".*", "$__rate_interval": "15s", "$__range": "2m", "$__interval": "5s"}
-failed, rows = [], []
+failed, rows, table = [], [], []
 def panels(ps):
     for p in ps:
         yield p
@@ -214,11 +244,21 @@ for path in sorted(glob.glob("grafana/dashboards/*.json")):
             try:
                 res = json.load(urllib.request.urlopen(url, timeout=10))
             except Exception as e:
-                failed.append(f"{board['title']} / {p['title']} / {t['refId']}: {e}"); continue
+                failed.append(f"{board['title']} / {p['title']} / {t['refId']}: {e}")
+                table.append(f"| {board['title']} | {p['title']} | `{q}` | **{e}** |")
+                continue
             data = res.get("data", {}).get("result", [])
+            cell = lambda v: v.replace("|", "\\|").replace("\n", " ")
             if res.get("status") != "success" or not data:
                 failed.append(f"{board['title']} / {p['title']} / {t['refId']}: {res.get('error') or 'no data'} ({q})")
+                table.append(f"| {board['title']} | {cell(p['title'])} | `{cell(q)}` | **{cell(res.get('error') or 'no data')}** |")
                 continue
+            shown = []
+            for r in sorted(data, key=lambda r: sorted(r["metric"].items())):
+                m = {k: v for k, v in r["metric"].items() if k not in ("__name__", "job", "instance")}
+                label = ",".join(f"{v}" for v in m.values())
+                shown.append(f"{label + '=' if label else ''}{float(r['value'][1]):.4g}")
+            table.append(f"| {board['title']} | {cell(p['title'])} | `{cell(q)}` | {cell('; '.join(shown))} |")
             vals = []
             for r in data[:4]:
                 m = {k: v for k, v in r["metric"].items() if k not in ("__name__", "job", "instance")}
@@ -227,6 +267,20 @@ for path in sorted(glob.glob("grafana/dashboards/*.json")):
             more = f" (+{len(data) - 4})" if len(data) > 4 else ""
             rows.append(f"{board['title']} | {p['title']} | {t.get('legendFormat') or t['refId']} | {'; '.join(vals)}{more}")
 print("\n".join(rows))
+when = datetime.datetime.fromtimestamp(int(at), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+with open(out, "w") as f:
+    f.write("# What every panel showed\n\n"
+            "Written by `scripts/check-panels.sh` (do not edit): every query of every panel of "
+            "grafana/dashboards/*.json, evaluated by a real Prometheus (Debian's package, 1 s scrapes) at one "
+            "instant of a load run: 4,000 devices on 3 gateways, 100 events/s x 20 recipients, API traffic "
+            "through the backend, gateway 3 (`panels-gw-3`) SIGKILLed mid-run. The instant is after its target "
+            f"went down, the survivors owned all 1024 slots and the devices were back: {when}, "
+            f"{int(at) - int(kill_at)} s after the kill. Template variables: `$node` = all, "
+            "`$__rate_interval` = 15s, `$__range` = 2m. Values: one per series (its labels, then the value).\n\n"
+            f"{len(table)} queries, {len(failed)} without data.\n\n"
+            "| Dashboard | Panel | Query | Values |\n|---|---|---|---|\n")
+    f.write("\n".join(table) + "\n")
+print(f"\ncheck-panels: what every panel showed is in {out}")
 if failed:
     print("\ncheck-panels: queries that returned nothing or an error:", file=sys.stderr)
     for f in failed:
