@@ -75,6 +75,25 @@ impl Sse {
         sse
     }
 
+    /// Like [`Sse::open`], but a 503 (a node taking over or handing over
+    /// the user, with `Retry-After`) is retried, as `EventSource` does,
+    /// until the deadline.
+    async fn open_when_served(addr: SocketAddr, user: &str) -> Sse {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let path = format!("/post/feed/posted?token={}", token_for(user));
+        loop {
+            let mut sse = Sse::request(addr, &sse_head(&path, "")).await;
+            if sse.status == 200 {
+                let first = sse.next_within(WAIT).await.expect("the retry field first");
+                assert_eq!(first.retry, Some(1000), "{first:?}");
+                return sse;
+            }
+            assert_eq!(sse.status, 503, "{}", sse.head);
+            assert!(tokio::time::Instant::now() < deadline, "still 503 after {WAIT:?}: {}", sse.head);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn header(&self, name: &str) -> Option<String> {
         self.head.lines().find_map(|l| {
             let (n, v) = l.split_once(':')?;
@@ -462,9 +481,11 @@ async fn a_moved_user_gets_close_4001_with_the_new_owners_url() {
     let (_, code, reason) = until_close(&mut sse).await;
     assert_eq!((code, reason), (4001, joiner.url.clone()));
     // Reconnecting to the same URL, as EventSource would, works: the old
-    // node relays to the new owner.
+    // node relays to the new owner (once the owner serves the user: until
+    // its handover is done the relay gets 503 with Retry-After, and
+    // EventSource retries).
     let p = post(&unique("p"));
-    let mut again = Sse::open(a.addr, &user, "", "").await;
+    let mut again = Sse::open_when_served(a.addr, &user).await;
     wait_for("relayed device registered at the owner", || async {
         metric(b.addr, "gateway_connections_by_transport{transport=\"sse\"}").await == 1.0
     })
