@@ -8,12 +8,14 @@
 #
 #   scripts/bench.sh                      every scenario (about 10-15 minutes)
 #   scripts/bench.sh --quick              small smoke version (< 3 minutes)
-#   scripts/bench.sh --only hold,churn    some scenarios: hold throughput latency churn rebalance celebrity
+#   scripts/bench.sh --only hold,churn    some scenarios: hold proxied throughput latency churn rebalance celebrity
 #   scripts/bench.sh --no-nchan           without the nginx + Nchan peer
 #   scripts/bench.sh --out FILE           write FILE instead of BENCHMARKS.md
 #
 # Scenarios:
 #   hold        N idle authenticated devices over 4 gateway nodes (and on Nchan): RSS per connection
+#   proxied     idle devices on 4 nodes, each to its owner, then dialling the nodes round-robin as a load
+#               balancer would (--spread; 3 in 4 proxied): all nodes' RSS growth per device, connect rate
 #   throughput  a rate sweep; the highest rate with zero loss (and on Nchan)
 #   latency     half that rate: p50/p99/p999 (and on Nchan, at the same rate)
 #   churn       devices closing and reconnecting (?since=) while events flow
@@ -37,11 +39,11 @@ while [ $# -gt 0 ]; do
     --no-nchan) NCHAN=""; shift ;;
     --out) OUT="$2"; shift 2 ;;
     -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
-    *) echo "usage: scripts/bench.sh [--quick] [--only hold,throughput,latency,churn,rebalance,celebrity] [--no-nchan] [--out FILE]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [--quick] [--only hold,proxied,throughput,latency,churn,rebalance,celebrity] [--no-nchan] [--out FILE]" >&2; exit 2 ;;
   esac
 done
 for s in ${ONLY//,/ }; do
-  case $s in hold|throughput|latency|churn|rebalance|celebrity) ;; *) echo "bench: unknown scenario $s" >&2; exit 2 ;; esac
+  case $s in hold|proxied|throughput|latency|churn|rebalance|celebrity) ;; *) echo "bench: unknown scenario $s" >&2; exit 2 ;; esac
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
@@ -58,6 +60,7 @@ if [ -n "$QUICK" ]; then
   RB_USERS=2000; RB_RATE=100; RB_FANOUT=20; RB_SECS=16; RB_JOIN_AT=3; RB_KILL_AT=7
   DRAIN=5; RB_DRAIN=8
   CELEB_USERS=3000; CELEB_NODES=2; CELEB_WORKERS=1; CELEB_RUNS=1
+  PROXIED_USERS=4000; PROXIED_SETTLE=2
 else
   # The product target: 200,000 devices. 14 nodes (about 14,300 each):
   # the ring does not split users exactly evenly, and a node refuses
@@ -72,7 +75,12 @@ else
   # 100,000 followers' devices: 8 nodes (12,500 each on average; the ring
   # is uneven and a node refuses beyond 19,500), 8 load generator workers.
   CELEB_USERS=100000; CELEB_NODES=8; CELEB_WORKERS=8; CELEB_RUNS=3
+  # Spread over 4 nodes, a node holds 10 sockets per 16 devices (its
+  # clients, its relays' dials to owners, and the devices it owns):
+  # 20,000 devices stay well under 20,000 open files per node.
+  PROXIED_USERS=20000; PROXIED_SETTLE=10
 fi
+PROXIED_NODES=4
 # Throughput and latency run on 2 nodes: every process costs CPU on
 # these 2 cores, and 20,000 devices fit in 2. nginx gets as many workers
 # as we have nodes, in every scenario.
@@ -279,6 +287,33 @@ half_of_best() { # target: half the best zero-loss rate (or half the lowest step
   echo $(( b / 2 ))
 }
 
+# A fresh cluster for each run: freed heap stays in a process's RSS, and
+# a second run would partly reuse it.
+if want proxied; then
+  for how in direct spread; do
+    start_cluster "$PROXIED_NODES"
+    extra=()
+    [ "$how" = spread ] && extra=(--spread)
+    lt "proxied-$how" "${extra[@]}" --users "$PROXIED_USERS" --rate 0 --duration 2 --settle "$PROXIED_SETTLE"
+    stop_cluster
+  done
+  # All nodes' RSS growth over the devices (a node's own per-connection
+  # figure divides by what it holds, relays and owned devices alike).
+  python3 - "$BENCH" >"$BENCH/proxied.summary.json" <<'EOF'
+import json, sys
+out = {}
+for how in ("direct", "spread"):
+    r = json.load(open(f"{sys.argv[1]}/proxied-{how}.json"))
+    grew = sum(g["rss_after_bytes"] - g["rss_before_bytes"] for g in r["gateways"])
+    devices = r["connections"]["established"]
+    out[how] = {"devices": devices, "failed": r["connections"]["failed"], "nodes": len(r["gateways"]),
+                "rss_growth_bytes": grew, "bytes_per_device": grew / max(devices, 1),
+                "connect_rate_per_s": r["connect_rate_per_s"]}
+json.dump(out, sys.stdout, indent=2)
+EOF
+  cat "$BENCH/proxied.summary.json" >&2
+fi
+
 if want throughput || want latency; then
   if want throughput; then
     start_cluster "$TP_NODES"
@@ -402,7 +437,7 @@ keep_charts() { # run-name result-dir
   mkdir -p "$RESULTS/$2"
   cp "$BENCH/$1"/*.svg "$RESULTS/$2/"
 }
-for n in hold-gateway hold-nchan latency-gateway latency-nchan churn rebalance; do keep_charts "$n" "$n"; done
+for n in hold-gateway hold-nchan proxied-direct proxied-spread latency-gateway latency-nchan churn rebalance; do keep_charts "$n" "$n"; done
 if [ -s "$BENCH/celebrity.runs" ]; then
   for i in $(seq 1 "$(cat "$BENCH/celebrity.runs")"); do keep_charts "celebrity-$i" "celebrity-$i"; done
 fi
