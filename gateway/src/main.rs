@@ -16,7 +16,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = logging::init("info") {
+    // lapin logs at ERROR every channel the broker closes with an error
+    // code. The gateway gets each one as an `Err` and reports what it
+    // means itself: most are expected (a departed queue that another node
+    // deleted first answers 404, see `departed`), the rest end the
+    // connection and are logged as such. RUST_LOG=lapin=... shows them.
+    if let Err(e) = logging::init_quieting("info", &["lapin::channel=off"]) {
         eprintln!("gateway: {e}");
         return ExitCode::from(2);
     }

@@ -42,8 +42,22 @@ impl Format {
 /// Installs the global subscriber, writing to standard error. `default` is
 /// the filter when `RUST_LOG` is unset (e.g. `"info"`).
 pub fn init(default: &str) -> Result<(), String> {
+    init_quieting(default, &[])
+}
+
+/// Like [`init`], with `quiet` directives added (`"lapin::channel=off"`)
+/// unless `RUST_LOG` names their crate: for a dependency that logs, at
+/// ERROR, events the binary expects and reports itself.
+pub fn init_quieting(default: &str, quiet: &[&str]) -> Result<(), String> {
     let format = Format::from_env()?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let env = std::env::var(EnvFilter::DEFAULT_ENV).ok();
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    for q in quiet {
+        let krate = q.split([':', '=']).next().unwrap_or(q);
+        if env.as_deref().is_none_or(|e| !e.contains(krate)) {
+            filter = filter.add_directive(q.parse().map_err(|e| format!("log directive {q:?}: {e}"))?);
+        }
+    }
     let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
     match format {
         Format::Json => builder.json().flatten_event(true).with_current_span(true).init(),
