@@ -15,6 +15,7 @@
 #   scripts/faults.sh --ci               a short check for scripts/test.sh: gateway-stop-8 and
 #                                        redis-restart-4 once each, small; exits 1 if anything is lost
 #                                        (writes no RELIABILITY.md)
+#   FAULTS_BIN=DIR scripts/faults.sh ... use the gateway, backend and loadtest in DIR, build nothing
 #
 # Cases:
 #   rabbit-restart        the RabbitMQ node stopped and started again
@@ -304,6 +305,8 @@ if [ -n "$CI" ]; then
   BIN=${FAULTS_BIN:-target/debug}
   log "building (debug, for --ci)"
   [ -n "${FAULTS_BIN:-}" ] || cargo build -q -p gateway -p backend -p loadtest
+elif [ -n "${FAULTS_BIN:-}" ]; then
+  BIN=$FAULTS_BIN   # binaries built elsewhere (gateway, backend, loadtest): nothing is built
 else
   BIN=target/release
   log "building (release)"
