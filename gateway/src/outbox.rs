@@ -160,9 +160,19 @@ impl Outbox {
     /// events: if the replay and what is queued do not fit, the device is
     /// closed with 4008 (dropping both), as a device this far behind would
     /// be by live delivery.
+    ///
+    /// A device closed before its replay is queued (moved, fenced, while
+    /// the feed was read) gets no replay, and none of the live events
+    /// queued meanwhile either: they are newer than the gap the replay
+    /// fills, and the device's next `since` would skip it. (The rolling
+    /// restart lost events so: a 4001 during a slow replay.)
     pub fn prepend_with(&self, make: impl FnOnce(&VecDeque<Queued>) -> Vec<Queued>) -> usize {
         let mut s = self.state.lock();
-        if s.close.is_some() || s.finished {
+        if s.finished {
+            return 0;
+        }
+        if s.close.is_some() {
+            drop_backlog(&mut s);
             return 0;
         }
         let items = make(&s.frames);
@@ -356,6 +366,17 @@ mod tests {
         assert_eq!(second.frames.len(), 100 - MAX_BATCH);
         assert_eq!(second.frames[0].frame[0], MAX_BATCH as u8, "in order");
         assert!(second.close.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_device_closed_before_its_replay_gets_no_live_event_ahead_of_the_gap() {
+        let o = Outbox::new(8);
+        o.push(&item(9)); // live, newer than the replay
+        o.close(Close::Frame { code: CloseCode::Moved, reason: "ws://other".into() });
+        assert_eq!(o.prepend_with(|_| vec![item(1), item(2)]), 0);
+        let b = o.take().await;
+        assert!(b.frames.is_empty(), "the live event is not sent without the replay before it");
+        assert!(b.close.is_some());
     }
 
     #[tokio::test]
