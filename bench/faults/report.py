@@ -205,7 +205,8 @@ for case, title, how in CASES:
             s, f = x["slow"] or {}, x["fire"] or {}
             fm = f.get("messages", {})
             body.append(f"- run {x['run']}: slow devices {s.get('devices', 'n/a')}, closed by their gateway "
-                        f"{s.get('closed_by_server', 'n/a')} (codes {s.get('close_codes', {})}), still open {s.get('still_open', 'n/a')}; "
+                        f"{s.get('closed_by_server', 'n/a')}, **{s.get('close_codes', {}).get('4008', 0)} with 4008** "
+                        f"(codes {s.get('close_codes', {})}), still open {s.get('still_open', 'n/a')}; "
                         f"the firehose's normal devices: expected {num(fm.get('expected'))}, lost **{num(fm.get('lost'))}**, "
                         f"dup {num(fm.get('duplicates'))}.")
         if x["meta"].get("note"):

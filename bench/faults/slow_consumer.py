@@ -69,7 +69,10 @@ def drain(s, wait):
         except (socket.timeout, TimeoutError):
             break
         except OSError:
+            # Reset: the gateway gave up lingering, and what it had sent
+            # (its close frame too) was thrown away with the connection.
             eof = True
+            code = code if code is not None else "reset"
             break
         if not chunk:
             eof = True
