@@ -5,8 +5,8 @@ usage: bench/report.py RUN_DIR RESULTS_DIR OUT
 
 RUN_DIR holds <name>.json (loadtest reports), <name>.cmd (the command),
 <name>.load (uptime before the run), <name>.top (top during it),
-machine.env, throughput-<target>.best, latency.rate and
-rebalance.events.json. Only what was measured is written; a scenario that
+machine.env, throughput-<target>.best, latency.rate, floor.json (bench/floor's
+line), floor.cmd, floor.load and rebalance.events.json. Only what was measured is written; a scenario that
 did not run is left out.
 """
 
@@ -67,12 +67,21 @@ def run_block(name, title=None):
     w("|---|---|")
     w(f"| devices target / established / failed | {num(c['target'])} / {num(c['established'])} / {num(c['failed'])} |")
     w(f"| connect rate | {num(r['connect_rate_per_s'])}/s over {r['ramp_up_s']:.1f} s, {r['workers']} workers |")
+    if c.get("attempt_window_s"):
+        w(f"| connect rate, first attempt to last outcome (workers started, tokens minted before) | {num(c['connects_per_s_in_window'])}/s over {c['attempt_window_s']:.2f} s (minting took {c['token_minting_s']:.3f} s) |")
+    if c.get("failed_by_cause"):
+        w(f"| failed connects by cause | {', '.join(f'{k}: {num(v)}' for k, v in c['failed_by_cause'].items())} |")
     if r["events_published"]:
         w(f"| events published (messages / requests) | {num(r['events_published'])} ({num(r['broker_messages_published'])}) |")
         w(f"| deliveries expected / received / lost | {num(m['expected'])} / {num(m['received'])} / **{num(m['lost'])}** |")
         w(f"| duplicates / unexpected | {num(m['duplicates'])} / {num(m['unexpected'])} |")
         w(f"| deliveries per second | **{num(r['deliveries_per_s'])}** |")
         w(f"| latency p50 / p90 / p99 / p99.9 / max (ms) | {l['p50']:.2f} / {l['p90']:.2f} / **{l['p99']:.2f}** / {l['p999']:.2f} / {l['max']:.2f} |")
+        if floor_rate:
+            w(f"| deliveries per second / floor | **{r['deliveries_per_s'] / floor_rate:.2f}** (floor {num(floor_rate)} messages/s) |")
+    if r.get("server_cpu"):
+        sc = r["server_cpu"]
+        w(f"| server CPU per delivery (publishing - holding, kernel included) | **{sc['us_per_delivery']:.2f} µs** ({sc['publish_cpu_s']:.2f} CPU s over {sc['publish_window_s']:.1f} s, {sc['publish_cores']:.2f} cores; held {sc['hold_cpu_s']:.2f} CPU s over {sc['hold_window_s']:.1f} s) |")
     if r.get("publish_errors"):
         w(f"| publish errors | {num(r['publish_errors'])} |")
     for g in r["gateways"]:
@@ -99,6 +108,15 @@ def charts(result):
     files = [f for f in ("connections.svg", "deliveries.svg", "latency.svg") if os.path.exists(os.path.join(d, f))]
     w(" ".join(f"![{result} {f[:-4]}]({d}/{f})" for f in files))
     w("")
+
+
+floor = load("floor.json")
+floor_rate = floor["messages_per_s"] if floor else None
+
+
+def cpu_us(r):
+    sc = (r or {}).get("server_cpu")
+    return None if not sc else sc["us_per_delivery"]
 
 
 quick = env.get("quick") == "1"
@@ -129,6 +147,26 @@ w(f"| nginx + Nchan | {env.get('hold_nginx_workers', '?')} workers for hold, {en
 w("")
 w("The load average before each run is given with it: other work on the machine (builds, tests) makes figures noisy.")
 w("")
+
+if floor:
+    w("## The floor: one write per message, nothing else")
+    w("")
+    w("What this machine moves at most when a message costs one 150-byte `write` on its own loopback TCP connection and one")
+    w("wake-up of a reader that counts it: `bench/floor` (tokio's multi-thread runtime on both sides, as the gateway; the")
+    w("receiver is a second process, as the devices are; no WebSocket framing, JSON, broker or accounting). Run right before")
+    w("the sweep, with nothing else of ours running; every delivery rate below is also given as a ratio to it.")
+    w("")
+    w("```sh")
+    w(load("floor.cmd") or "")
+    w("```")
+    w(f"Load before the run: `{load('floor.load')}`\n")
+    w("| figure | value |")
+    w("|---|---|")
+    w(f"| connections / message bytes | {num(floor['connections'])} / {floor['message_bytes']} |")
+    w(f"| messages received per second | **{num(floor['messages_per_s'])}** (sent {num(floor['sent_per_s'])}/s) over {floor['seconds']:.1f} s |")
+    w(f"| sender CPU per message (user + system) | {floor['sender_cpu_us_per_message']:.2f} µs ({floor['sender_cpu_share']:.2f} cores) |")
+    w(f"| receiver CPU per message | {floor['receiver_cpu_us_per_message']:.2f} µs ({floor['receiver_cpu_share']:.2f} cores) |")
+    w("")
 
 # ---- gather the headline figures
 hold_g, hold_n = load("hold-gateway.json"), load("hold-nchan.json")
@@ -165,12 +203,26 @@ if hold_g:
     per, conns, _ = memory(hold_g)
     w(f"| >= 200,000 concurrent authenticated connections on one host | {num(hold_g['connections']['established'])} held over {len(hold_g['gateways'])} nodes ({num(hold_g['connections']['failed'])} failed) | {'not shown' if hold_g['connections']['established'] < 200_000 else 'yes'} |")
     w(f"| <= 4 KiB gateway RSS per idle connection | {kib(per)} (all nodes: RSS growth / connections) | {'yes' if per is not None and per <= 4096 else 'no'} |")
+conn = load("connect.json")
+if conn:
+    c = conn["connections"]
+    rate = c.get("connects_per_s_in_window") or conn["connect_rate_per_s"]
+    w(f"| >= 25,000 authenticated connects/s (JWT checked) | {num(rate)}/s ({num(c['established'])} devices on {len(conn['gateways'])} nodes, {num(c['failed'])} failed) | {'yes' if rate >= 25_000 and not c['failed'] else f'no ({rate / 25_000:.2f} of it)'} |")
 if best_r.get("gateway"):
     r = best_r["gateway"]
     w(f"| >= 250,000 deliveries/s with zero loss | {num(r['deliveries_per_s'])}/s (highest step of the sweep held with zero loss, {best['gateway']} events/s x {env.get('tp_fanout')} recipients) | {'yes' if r['deliveries_per_s'] >= 250_000 else 'no'} |")
+    if floor_rate:
+        ratio = r['deliveries_per_s'] / floor_rate
+        w(f"| highest zero-loss delivery rate >= 0.9 of the floor (same run) | {ratio:.2f} of the floor ({num(r['deliveries_per_s'])}/s of {num(floor_rate)}/s) | {'yes' if ratio >= 0.9 else f'no ({0.9 - ratio:.2f} short)'} |")
 elif load("throughput-gateway.best") is not None:
     w("| >= 250,000 deliveries/s with zero loss | no step of the sweep held its rate | no |")
-if lat_g:
+    if floor_rate:
+        w(f"| highest zero-loss delivery rate >= 0.9 of the floor (same run) | no step held (floor {num(floor_rate)}/s) | no |")
+if lat_g and floor_rate and load("latency.basis") == "floor":
+    p99 = lat_g['latency_ms']['p99']
+    ok = p99 <= 10 and lat_g['messages']['lost'] == 0
+    w(f"| p99 publish-to-device <= 10 ms at half the floor ({num(floor_rate / 2)} deliveries/s) | p99 {p99:.2f} ms at {num(lat_g['deliveries_per_s'])} deliveries/s ({lat_g['deliveries_per_s'] / floor_rate:.2f} of the floor), {num(lat_g['messages']['lost'])} lost | {'yes' if ok else f'no ({p99 / 10:.1f}x the target)' if lat_g['messages']['lost'] == 0 else 'no (loss)'} |")
+elif lat_g:
     # "That rate" is the target's 250,000/s: half is 125,000/s. The latency
     # run is at half of our best held rate, so it meets the target only if
     # it ran at 125,000/s or more.
@@ -208,10 +260,20 @@ if hold_n or best_r.get("nchan") or lat_n:
         nv = n["deliveries_per_s"] if n else None
         ratio = f"{gv / nv:.2f}" if gv and nv else "n/a"
         w(f"| max delivery rate held with zero loss (sweep steps {env.get('tp_rates')} events/s x {env.get('tp_fanout')}) | {num(gv)}/s | {num(nv) + '/s' if nv else 'no step held'} | {ratio} |")
+        if floor_rate:
+            w(f"| that rate / the floor ({num(floor_rate)} messages/s) | {gv / floor_rate:.2f} | {f'{nv / floor_rate:.2f}' if nv else 'n/a'} | |" if gv else "")
+        cg, cn = cpu_us(g), cpu_us(n)
+        if cg or cn:
+            w(f"| server CPU per delivery at that rate (publishing - holding, kernel included) | {f'{cg:.2f} µs' if cg else 'n/a'} | {f'{cn:.2f} µs' if cn else 'n/a'} | {f'{cg / cn:.2f}' if cg and cn else ''} |")
     if lat_g and lat_n:
         a, b = lat_g["latency_ms"]["p99"], lat_n["latency_ms"]["p99"]
         w(f"| p99 latency at {load('latency.rate')} events/s x {env.get('tp_fanout')} | {a:.2f} ms | {b:.2f} ms | {a / b:.2f} |" if b else "")
         w(f"| loss at that rate | {num(lat_g['messages']['lost'])} | {num(lat_n['messages']['lost'])} | |")
+        cg, cn = cpu_us(lat_g), cpu_us(lat_n)
+        if cg or cn:
+            w(f"| server CPU per delivery at that rate (publishing - holding, kernel included) | {f'{cg:.2f} µs' if cg else 'n/a'} | {f'{cn:.2f} µs' if cn else 'n/a'} | {f'{cg / cn:.2f}' if cg and cn else ''} |")
+        if floor:
+            w(f"| the floor's sender CPU per message (one write, no protocol) | {floor['sender_cpu_us_per_message']:.2f} µs | | |")
         for who, r in (("ours", lat_g), ("Nchan", lat_n)):
             if r["messages"]["lost"] or r["deliveries_per_s"] < 0.9 * r["params"]["rate"] * r["params"]["fanout"]:
                 w(f"\n{who}: that rate is beyond what it held in the sweep, so its p99 there is a saturated figure.")
@@ -236,7 +298,8 @@ if hold_g or hold_n:
 if any(best.values()) or any(load(f) for f in os.listdir(run_dir) if f.startswith("throughput-") and f.endswith(".json")):
     w("## 2. Fan-out throughput: highest delivery rate with zero loss")
     w("")
-    w(f"A sweep of event rates ({env.get('tp_rates')} events/s, {env.get('tp_fanout')} recipients each). A step holds its rate")
+    w(f"A sweep of event rates ({env.get('tp_rates')} events/s, {env.get('tp_fanout')} recipients each"
+      + (f"; {env.get('floor_steps')} of the floor" if floor_rate and env.get('floor_steps') else "") + "). A step holds its rate")
     w("when nothing is lost, every device connected, >= 95% of its events were published and >= 90% of its nominal")
     w("deliveries per second arrived; the sweep stops at the first step that does not, and keeps the highest that did.")
     w("Every step run:")
@@ -250,13 +313,15 @@ if any(best.values()) or any(load(f) for f in os.listdir(run_dir) if f.startswit
         if not steps:
             continue
         w(f"**{'Our gateways' if t == 'gateway' else 'nginx + Nchan'}**\n")
-        w("| events/s asked | events/s published | deliveries/s | lost | p50 ms | p99 ms | p99.9 ms | max ms | held? | load before |")
-        w("|---|---|---|---|---|---|---|---|---|---|")
+        w("| events/s asked | events/s published | deliveries/s | / floor | server CPU µs/delivery | lost | p50 ms | p99 ms | p99.9 ms | max ms | held? | load before |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for rate, r in steps:
             l = r["latency_ms"]
             secs = r["params"].get("duration_s") or 1
             verdict = load(f"throughput-{t}-{rate}.verdict") or "?"
-            w(f"| {rate} | {num(r['events_published'] / secs)} | {num(r['deliveries_per_s'])} | {num(r['messages']['lost'])} | {l['p50']:.2f} | {l['p99']:.2f} | {l['p999']:.2f} | {l['max']:.2f} | {'yes' if verdict == 'ok' else 'no: ' + verdict} | {(load(f'throughput-{t}-{rate}.load') or '').split('load average:')[-1].strip()} |")
+            fr = f"{r['deliveries_per_s'] / floor_rate:.2f}" if floor_rate else "n/a"
+            cu = f"{cpu_us(r):.2f}" if cpu_us(r) else "n/a"
+            w(f"| {rate} | {num(r['events_published'] / secs)} | {num(r['deliveries_per_s'])} | {fr} | {cu} | {num(r['messages']['lost'])} | {l['p50']:.2f} | {l['p99']:.2f} | {l['p999']:.2f} | {l['max']:.2f} | {'yes' if verdict == 'ok' else 'no: ' + verdict} | {(load(f'throughput-{t}-{rate}.load') or '').split('load average:')[-1].strip()} |")
         w("")
         if best[t]:
             w(f"Highest zero-loss step: {best[t]} events/s. Its run:\n")
@@ -275,12 +340,24 @@ if any(best.values()) or any(load(f) for f in os.listdir(run_dir) if f.startswit
 if lat_g or lat_n:
     w("## 3. Latency at half the highest zero-loss rate")
     w("")
-    w(f"{load('latency.rate')} events/s x {env.get('tp_fanout')} recipients for both (half our best zero-loss rate).")
+    basis = "half the floor" if load("latency.basis") == "floor" else "half our best zero-loss rate"
+    w(f"{load('latency.rate')} events/s x {env.get('tp_fanout')} recipients for both ({basis}).")
     w("")
     if run_block("latency-gateway", "Our gateways"):
         charts("latency-gateway")
     if run_block("latency-nchan", "nginx + Nchan"):
         charts("latency-nchan")
+
+conn = load("connect.json")
+if conn:
+    w("## Connect rate: authenticated connects per second")
+    w("")
+    w("Devices connect as fast as they go (`--connect-rate 100000`, the tool's default cap is 5,000/s): TCP connect, HTTP")
+    w("upgrade with a JWT the gateway checks (HS256), 101. Tokens are minted before the ramp and the time is shown; the")
+    w("rate over the attempt window (first attempt to last outcome) leaves out starting the worker processes. The load")
+    w("generator's own handshakes run on the same 2 cores.")
+    w("")
+    run_block("connect")
 
 if churn:
     w("## 4. Churn: connects and disconnects while events flow")
