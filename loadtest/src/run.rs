@@ -38,6 +38,17 @@ const MAX_DEVICES_PER_WORKER: u64 = 19_000;
 const MIN_SETTLE: Duration = Duration::from_secs(1);
 /// Nchan needs longer: subscriptions reach its other workers asynchronously.
 const NCHAN_SETTLE: Duration = Duration::from_secs(3);
+/// Connection attempts in flight per gateway node, all workers together,
+/// at most: half the gateway's default cap on sockets that have not
+/// upgraded yet (GATEWAY_MAX_UNAUTHENTICATED, 1024), beyond which it
+/// answers 503. A fast ramp over few nodes by many workers (4 x 512 in
+/// flight on 2 nodes) had 1,660 of 20,000 connects refused with 503 by a
+/// debug-build gateway whose handshakes were slow enough to pile up.
+const IN_FLIGHT_PER_NODE: usize = 512;
+/// Nor more than this per worker (nor fewer than [`MIN_IN_FLIGHT`]).
+const MAX_IN_FLIGHT_PER_WORKER: usize = 512;
+const MIN_IN_FLIGHT: usize = 8;
+
 /// `since` below every backend post id (UUIDv7: lowercase hex and dashes).
 const E2E_SINCE_FLOOR: &str = "0";
 /// How often the coordinator looks whether the stragglers have arrived.
@@ -386,6 +397,7 @@ fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, work
                 members: ring.members().iter().map(|m| format!("{}={}", m.node_id, m.url)).collect(),
                 source_ips,
                 connect_rate: f64::from(args.connect_rate.max(1)) / k as f64,
+                max_connecting: max_connecting(ring.members().len(), k),
                 audience: population.audience,
                 nchan: args.target == Target::Nchan,
                 recover: args.recover || args.churn > 0.0,
@@ -396,6 +408,12 @@ fn jobs(args: &RunArgs, ring: &Ring, population: &Population, secret: &str, work
             }
         })
         .collect()
+}
+
+/// Attempts one of `workers` keeps in flight against `nodes` nodes, so
+/// that all together stay at [`IN_FLIGHT_PER_NODE`] per node.
+pub fn max_connecting(nodes: usize, workers: usize) -> usize {
+    (IN_FLIGHT_PER_NODE * nodes / workers.max(1)).clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT_PER_WORKER)
 }
 
 /// Memory of one server process tree: RSS, and PSS where known.
@@ -452,5 +470,20 @@ mod tests {
         assert!(worker_count(Some(0), 10, 10).is_err());
         let e = worker_count(Some(1), 40_000, 40_000).unwrap_err().to_string();
         assert!(e.contains("19000"), "{e}");
+    }
+
+    #[test]
+    fn attempts_in_flight_stay_below_the_gateways_pending_cap() {
+        // 2 nodes, 4 workers: 256 each, 1,024 in all = 512 per node.
+        assert_eq!(max_connecting(2, 4), 256);
+        assert_eq!(max_connecting(14, 14), 512);
+        assert_eq!(max_connecting(1, 1), 512, "capped per worker");
+        assert_eq!(max_connecting(1, 200), MIN_IN_FLIGHT);
+        for (nodes, workers) in [(2, 8), (4, 3), (8, 8), (1, 2)] {
+            assert!(
+                max_connecting(nodes, workers) * workers <= IN_FLIGHT_PER_NODE * nodes,
+                "{nodes} nodes, {workers} workers"
+            );
+        }
     }
 }

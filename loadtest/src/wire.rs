@@ -37,6 +37,11 @@ pub struct Job {
     pub source_ips: (Ipv4Addr, Ipv4Addr),
     /// New connections per second for this worker.
     pub connect_rate: f64,
+    /// Connection attempts this worker keeps in flight at most during
+    /// ramp-up (all workers together stay below the gateways' cap on
+    /// sockets that have not upgraded yet; see `run::max_connecting`).
+    #[serde(default = "default_max_connecting")]
+    pub max_connecting: usize,
     pub audience: Audience,
     /// `since` for a device that reconnects before it received anything:
     /// below every event id of the run (None: [`crate::client::since_floor`]
@@ -55,6 +60,10 @@ pub struct Job {
     /// Devices first dial the members in turn, not their owner (`--spread`).
     #[serde(default)]
     pub spread: bool,
+}
+
+fn default_max_connecting() -> usize {
+    512
 }
 
 /// A worker's reconnection counters (cumulative).

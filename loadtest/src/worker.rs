@@ -24,8 +24,6 @@ use crate::accounting::{Receipts, encode_histogram, merge_into, new_histogram};
 use crate::client::{self, Counters, Ended};
 use crate::wire::{Command, Job, Reconnects, Report};
 
-/// Connection attempts in flight at once during ramp-up.
-const MAX_CONNECTING: usize = 512;
 /// A connection attempt that takes longer than this counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Tokens outlive any run.
@@ -304,7 +302,7 @@ async fn ramp(job: Job, slice: Slice, state: Arc<State>, stop: CancellationToken
     let slice = Arc::new(slice);
     let n_users = job.users.len();
     let target = n_users * job.devices as usize;
-    let connecting = Arc::new(Semaphore::new(MAX_CONNECTING));
+    let connecting = Arc::new(Semaphore::new(job.max_connecting.max(1)));
     let (lo, hi) = (u32::from(job.source_ips.0), u32::from(job.source_ips.1));
     let started = Instant::now();
     state.first_attempt_us.store(contract::event::now_micros(), Ordering::Relaxed);
