@@ -204,6 +204,11 @@ start_cluster() { # nodes
   log "gateways up: ${ports[*]} (vhost $VHOST, membership $KEY)"
 }
 
+gw_pids() { # the running gateways' pids, comma-separated (their CPU is read from /proc)
+  local IFS=,
+  echo "${GW_PID[*]}"
+}
+
 stop_cluster() {
   for port in "${!GW_PID[@]}"; do stop_gateway "$port" TERM; done
 }
@@ -366,7 +371,7 @@ if want throughput || want latency; then
   log "sweep steps (events/s x $TP_FANOUT, = $FLOOR_STEPS of the floor): $TP_RATES"
   if want throughput; then
     start_cluster "$TP_NODES"
-    sweep gateway
+    sweep gateway --server-pids "$(gw_pids)"
     stop_cluster
     if [ -n "$NCHAN" ]; then
       start_nchan "$NGINX_WORKERS"
@@ -384,7 +389,7 @@ if want throughput || want latency; then
     fi
     echo "$LAT_RATE" >"$BENCH/latency.rate"
     start_cluster "$TP_NODES"
-    lt latency-gateway --users "$TP_USERS" --rate "$LAT_RATE" --fanout "$TP_FANOUT" --duration "$LAT_SECS" --drain "$DRAIN"
+    lt latency-gateway --server-pids "$(gw_pids)" --users "$TP_USERS" --rate "$LAT_RATE" --fanout "$TP_FANOUT" --duration "$LAT_SECS" --drain "$DRAIN"
     stop_cluster
     if [ -n "$NCHAN" ]; then
       start_nchan "$NGINX_WORKERS"

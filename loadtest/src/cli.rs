@@ -127,6 +127,11 @@ pub struct RunArgs {
     /// nginx's pid file, for its memory (`--target nchan`).
     #[arg(long, default_value = "run/nchan/nginx.pid")]
     pub nchan_pid_file: PathBuf,
+    /// The gateways' process ids on this host (comma-separated): their
+    /// CPU is read from `/proc/<pid>/stat` (10 ms resolution) instead of
+    /// their `process_cpu_seconds_total`, which counts whole seconds.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pids: Vec<u32>,
     /// Keep-alive HTTP connections publishing to Nchan.
     #[arg(long, default_value_t = 16)]
     pub nchan_connections: usize,

@@ -1,11 +1,12 @@
 //! The servers' CPU per delivery: process CPU (user + system, so the
 //! kernel's share of each write is included) over the publishing window,
 //! minus what the same connections cost while only held, divided by the
-//! deliveries. Our gateways report it in `/metrics`
-//! (`process_cpu_seconds_total`); nginx's master and workers are read from
-//! `/proc/<pid>/stat`.
+//! deliveries. Read from `/proc/<pid>/stat` for nginx's master and workers
+//! and for gateways whose pids are given (`--server-pids`), else from each
+//! gateway's `/metrics` (`process_cpu_seconds_total`, whole seconds only:
+//! too coarse for windows of a few seconds).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use contract::ring::Ring;
@@ -17,6 +18,8 @@ use crate::report::scrape_gauge;
 pub enum Source {
     /// Every ring member's `/metrics`.
     Gateways(Ring),
+    /// These processes (gateways on this host).
+    Pids(Vec<u32>),
     /// nginx's master (pid file) and its workers.
     Nginx(PathBuf),
 }
@@ -40,7 +43,8 @@ impl Source {
                 }
                 total
             }
-            Source::Nginx(pid_file) => nginx_cpu_seconds(pid_file)?,
+            Source::Nginx(pid_file) => cpu_seconds(&crate::nchan::nginx_pids(pid_file).ok()?)?,
+            Source::Pids(pids) => cpu_seconds(pids)?,
         };
         Some(Sample { at: Instant::now(), cpu_s })
     }
@@ -94,11 +98,11 @@ impl CpuReport {
     }
 }
 
-/// CPU seconds (utime + stime) of nginx's master and workers.
-fn nginx_cpu_seconds(pid_file: &Path) -> Option<f64> {
+/// CPU seconds (utime + stime) of these processes together.
+fn cpu_seconds(pids: &[u32]) -> Option<f64> {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??.max(1) as f64;
     let mut total = 0u64;
-    for pid in crate::nchan::nginx_pids(pid_file).ok()? {
+    for &pid in pids {
         total += stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
     }
     Some(total as f64 / ticks)

@@ -176,9 +176,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     // settle's second half (the first may still see the ramp's tail).
     let min_settle = if nchan { NCHAN_SETTLE } else { MIN_SETTLE };
     let settle = min_settle.max(Duration::from_secs(args.settle));
-    let cpu = match nchan {
-        true => cpu::Source::Nginx(args.nchan_pid_file.clone()),
-        false => cpu::Source::Gateways(ring.clone()),
+    let cpu = match (nchan, args.server_pids.is_empty()) {
+        (true, _) => cpu::Source::Nginx(args.nchan_pid_file.clone()),
+        (false, false) => cpu::Source::Pids(args.server_pids.clone()),
+        (false, true) => cpu::Source::Gateways(ring.clone()),
     };
     tokio::time::sleep(settle / 2).await;
     let hold_cpu0 = cpu.sample().await;
