@@ -27,7 +27,9 @@ async fn oversized_client_frame_closes_with_1009() {
 #[tokio::test]
 async fn slow_device_gets_4008_while_a_healthy_device_keeps_receiving() {
     const EVENTS: usize = 600;
-    let node = Node::start(|c| c.send_queue = 16).await;
+    const QUEUE: usize = 16;
+    const WINDOW: usize = QUEUE / 2;
+    let node = Node::start(|c| c.send_queue = QUEUE).await;
     let user = unique("u");
     let mut healthy = connect(&node, &user).await;
 
@@ -44,14 +46,29 @@ async fn slow_device_gets_4008_while_a_healthy_device_keeps_receiving() {
     let publisher = Publisher::new().await;
     let big_text = "x".repeat(16 * 1024);
     let mut ids = Vec::new();
-    let reader = tokio::spawn(async move {
-        let mut got = Vec::new();
-        while got.len() < EVENTS {
-            got.push(next_event(&mut healthy).await.id);
+    // How many events the healthy device has read: the publisher keeps
+    // within half its send queue of it, so on a loaded machine the healthy
+    // device (which reads as fast as it is scheduled) is never the one that
+    // falls behind, while the slow one, reading nothing, does.
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = tokio::spawn({
+        let read = read.clone();
+        async move {
+            let mut got = Vec::new();
+            while got.len() < EVENTS {
+                got.push(next_event(&mut healthy).await.id);
+                read.store(got.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            got
         }
-        got
     });
     for i in 0..EVENTS {
+        if i >= WINDOW {
+            wait_for("the healthy device to keep up", || async {
+                read.load(std::sync::atomic::Ordering::Relaxed) >= i - WINDOW
+            })
+            .await;
+        }
         let mut ev = post(&format!("{user}-{i}"));
         ev.data.post_text = big_text.clone();
         publisher.publish(&[&user], &ev).await;
