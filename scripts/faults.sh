@@ -16,6 +16,7 @@
 #                                        redis-restart-4 once each, small; exits 1 if anything is lost
 #                                        (writes no RELIABILITY.md)
 #   FAULTS_BIN=DIR scripts/faults.sh ... use the gateway, backend and loadtest in DIR, build nothing
+#   FAULTS_PORT_OFFSET=N ...            every private port + N (a second suite beside CI's)
 #
 # Cases:
 #   rabbit-restart        the RabbitMQ node stopped and started again
@@ -90,12 +91,15 @@ case_duration() {
 }
 
 # ---- ports and directories (away from the shared 5672/6379/5432) -----------
-RMQ_PORT=(5680 5681 5682)
-RMQ_DIST=(25680 25681 25682)
-REDIS_PORT=6390
-PG_PORT=5440
-GW_PORT=(8284 8285 8286)
-BACKEND_PORT=8290
+# FAULTS_PORT_OFFSET=N moves every port (and the RabbitMQ node names), so
+# that a second suite can run beside CI's short one on the same machine.
+O=${FAULTS_PORT_OFFSET:-0}
+RMQ_PORT=($((5680 + O)) $((5681 + O)) $((5682 + O)))
+RMQ_DIST=($((25680 + O)) $((25681 + O)) $((25682 + O)))
+REDIS_PORT=$((6390 + O))
+PG_PORT=$((5440 + O))
+GW_PORT=($((8284 + O)) $((8285 + O)) $((8286 + O)))
+BACKEND_PORT=$((8290 + O))
 SOURCE_IPS=127.0.0.1-127.0.0.8
 
 RUN=$ROOT/run/faults
@@ -127,7 +131,7 @@ PG_UP=""
 
 # ---- RabbitMQ: our own node(s) ---------------------------------------------
 rmq_dir() { echo "$D/rmq$1"; }
-rmq_name() { echo "faults$1@localhost"; }
+rmq_name() { if [ "$O" = 0 ]; then echo "faults$1@localhost"; else echo "faults$O-$1@localhost"; fi; }
 amqp_url() { echo "amqp://guest:guest@127.0.0.1:${RMQ_PORT[$1]}/%2f"; }
 # The URL list for a client of node i: its own node first, then the others.
 amqp_urls_from() {
@@ -313,7 +317,7 @@ else
   cargo build --release -q -p gateway -p backend -p loadtest
 fi
 
-log "starting RabbitMQ (node faults0 on ${RMQ_PORT[0]}), Redis ($REDIS_PORT)"
+log "starting RabbitMQ (node $(rmq_name 0) on ${RMQ_PORT[0]}), Redis ($REDIS_PORT)"
 rmq_start 0
 redis_start
 if want pg-restart || want backend-kill; then
