@@ -125,9 +125,9 @@ lines = []
 w = lines.append
 w("# Reliability\n")
 w("Produced by `scripts/faults.sh` (re-run it to refresh this file; `--quick` for a smoke run, `--only` for some cases).")
-w("It builds release, starts its **own** RabbitMQ node (for the last case a 3-node cluster), Redis and PostgreSQL on other")
+w("It builds release (or takes the binaries in `FAULTS_BIN`), starts its **own** RabbitMQ node (for the last case a 3-node cluster), Redis and PostgreSQL on other")
 w("ports with their own data directories (the machine's shared services are never touched), 3 gateways and the backend,")
-w("and runs each case under load with `target/release/loadtest run ... --recover` (devices that lose their connection")
+w("and runs each case under load with `loadtest run ... --recover` (the exact binary is in each Command line; devices that lose their connection")
 w("reconnect with `?since=<newest id they have>`), fault injected a few seconds into the publishing. Loss is counted per")
 w("(event, device) pair, never assumed (see `loadtest/README.md`); duplicates are allowed (at least once) and reported.")
 w("Raw reports (without their per-second series) and metadata: [bench/reliability/](bench/reliability/).\n")
