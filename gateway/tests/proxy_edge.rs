@@ -3,30 +3,8 @@
 
 mod common;
 
-use common::cluster::wait_converged;
 use common::raw;
 use common::*;
-
-/// Two converged nodes on a ring of their own, the second set up by
-/// `owner_tweak`, and a user the second one owns (so a device entering the
-/// first is proxied).
-async fn entry_and_owner(owner_tweak: impl FnOnce(&mut gateway::Config)) -> ([Node; 2], String) {
-    let key = unique("ring");
-    let k = key.clone();
-    let entry = Node::start(move |c| c.membership_key = k).await;
-    let owner = Node::start(move |c| {
-        c.membership_key = key;
-        owner_tweak(c);
-    })
-    .await;
-    let nodes = [entry, owner];
-    wait_converged(&nodes).await;
-    let user = (0..)
-        .map(|i| format!("u{i}-{}", unique("p")))
-        .find(|u| nodes[0].gw.owner_of(u).is_some_and(|(mine, _)| !mine))
-        .unwrap();
-    (nodes, user)
-}
 
 #[tokio::test]
 async fn an_owners_refusal_reaches_the_client_with_its_headers() {

@@ -10,7 +10,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::wait_converged;
 use common::raw;
 use common::*;
 
@@ -38,28 +37,6 @@ fn expect_one(result: Option<&str>, before: &[f64], what: &str) {
         let want = if Some(*r) == result { 1.0 } else { 0.0 };
         assert_eq!(now[i] - before[i], want, "{r} while provoking {what}");
     }
-}
-
-/// Two converged nodes on a ring of their own, the second set up by
-/// `owner_tweak`, and a user the second one owns (so a device entering the
-/// first is proxied). The entry starts first: it serves at once, without
-/// asking the owner anything (which a bad internal address would stop).
-async fn entry_and_owner(owner_tweak: impl FnOnce(&mut gateway::Config)) -> ([Node; 2], String) {
-    let key = unique("ring");
-    let k = key.clone();
-    let entry = Node::start(move |c| c.membership_key = k).await;
-    let owner = Node::start(move |c| {
-        c.membership_key = key;
-        owner_tweak(c);
-    })
-    .await;
-    let nodes = [entry, owner];
-    wait_converged(&nodes).await;
-    let user = (0..)
-        .map(|i| format!("u{i}-{}", unique("p")))
-        .find(|u| nodes[0].gw.owner_of(u).is_some_and(|(mine, _)| !mine))
-        .unwrap();
-    (nodes, user)
 }
 
 fn ws_head(user: &str) -> String {

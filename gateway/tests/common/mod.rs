@@ -670,3 +670,25 @@ pub async fn bindings() -> Vec<(String, u16)> {
         })
         .collect()
 }
+
+/// Two converged nodes on a ring of their own, the second set up by
+/// `owner_tweak`, and a user the second one owns (so a device entering the
+/// first is proxied). The entry starts first: it serves at once, without
+/// asking the owner anything (which a bad internal address would stop).
+pub async fn entry_and_owner(owner_tweak: impl FnOnce(&mut gateway::Config)) -> ([Node; 2], String) {
+    let key = unique("ring");
+    let k = key.clone();
+    let entry = Node::start(move |c| c.membership_key = k).await;
+    let owner = Node::start(move |c| {
+        c.membership_key = key;
+        owner_tweak(c);
+    })
+    .await;
+    let nodes = [entry, owner];
+    cluster::wait_converged(&nodes).await;
+    let user = (0..)
+        .map(|i| format!("u{i}-{}", unique("p")))
+        .find(|u| nodes[0].gw.owner_of(u).is_some_and(|(mine, _)| !mine))
+        .unwrap();
+    (nodes, user)
+}
