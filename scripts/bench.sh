@@ -54,8 +54,11 @@ want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 # ---- sizes -----------------------------------------------------------------
 NODES=4
-BASE_PORT=8184             # gateways on 8184.., away from scripts/run.sh's 8084..
-NCHAN_PORT=8190
+# BENCH_PORT_OFFSET=N moves every port this script listens on by N, so two
+# checkouts can run it side by side (their figures then share the cores).
+PORT_OFFSET=${BENCH_PORT_OFFSET:-0}
+BASE_PORT=$((8184 + PORT_OFFSET))   # gateways on 8184.., away from scripts/run.sh's 8084..
+NCHAN_PORT=$((8190 + PORT_OFFSET))
 SOURCE_IPS=127.0.0.1-127.0.0.16
 if [ -n "$QUICK" ]; then
   HOLD_USERS=4000; HOLD_NODES=4; HOLD_WORKERS=2; HOLD_SETTLE=2; HOLD_SECS=2; HOLD_NGINX_WORKERS=2
@@ -451,7 +454,7 @@ fi
 # key and JWT secret. Users and follows are bulk-seeded straight into that
 # database (loadtest --seed-database: 100,000 argon2 registrations would
 # take most of an hour); the post goes through POST /post/create.
-CELEB_BACKEND_PORT=8192
+CELEB_BACKEND_PORT=$((8192 + PORT_OFFSET))
 CELEB_DB="bench_celebrity_$$"
 CELEB_DB_URL="postgres://postgres@127.0.0.1:5432/$CELEB_DB"
 CELEB_BACKEND_PID=""
