@@ -34,7 +34,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 QUICK=""
-ONLY="hold,throughput,latency,connect,churn,rebalance,celebrity"
+ONLY="hold,proxied,throughput,latency,connect,churn,rebalance,celebrity"
 NCHAN=1
 OUT=BENCHMARKS.md
 while [ $# -gt 0 ]; do
