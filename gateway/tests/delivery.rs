@@ -43,9 +43,7 @@ async fn event_bytes_are_passed_through_unchanged() {
         r#"{"type":"post", "id":"p-raw","ts":1,"data":{"postText":"ü","postId":"p-raw","author_user_id":"a"}}"#;
     let body = format!(r#"{{"recipients":["{user}"],"event":{raw_event}}}"#);
     Publisher::new().await.publish_raw(contract::slot::slot_of(&user), body.as_bytes()).await;
-    use futures_util::StreamExt;
-    let msg = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(msg.into_text().unwrap().as_str(), raw_event);
+    assert_eq!(next_text(&mut ws).await, raw_event);
 }
 
 #[tokio::test]

@@ -297,6 +297,18 @@ pub async fn next_event_within(ws: &mut Ws, within: Duration) -> Option<PostEven
     }
 }
 
+/// The next text frame as sent, skipping control frames (the keepalive
+/// may ping a new device within its first second); panics otherwise.
+pub async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("a text frame arrives") {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
 /// Reads until the close frame and returns it; events before it are
 /// returned too.
 pub async fn read_until_close<S>(ws: &mut WebSocketStream<S>) -> (Vec<PostEvent>, Option<CloseFrame>)
