@@ -157,6 +157,14 @@ impl Config {
         if self.db_pool_size == 0 {
             return Err("DATABASE_POOL_SIZE (--db-pool-size) must be at least 1".into());
         }
+        // A job holds two connections (its claim and its feed part): with
+        // fewer, workers would take them all and wait for each other.
+        if self.db_pool_size < 2 * self.workers {
+            return Err(format!(
+                "DATABASE_POOL_SIZE (--db-pool-size) must be at least twice BACKEND_WORKERS (--workers): {} < 2 x {}",
+                self.db_pool_size, self.workers
+            ));
+        }
         if self.mode == Some(Mode::Worker) && self.workers == 0 {
             return Err("BACKEND_WORKERS (--workers) must be at least 1 for `backend worker`".into());
         }
@@ -226,6 +234,8 @@ mod tests {
         assert!(with("--listen", "0.0.0.0:8080").is_ok());
         assert!(with("--gateway-public-url", "http://x").unwrap_err().contains("GATEWAY_PUBLIC_URL"));
         assert!(with("--gateway-public-url", "wss://feed.example").is_ok());
+        assert!(with("--workers", "9").unwrap_err().contains("twice BACKEND_WORKERS"));
+        assert!(with("--workers", "8").is_ok());
     }
 
     #[test]

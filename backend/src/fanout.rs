@@ -1,12 +1,15 @@
 //! Fan-out workers: claim a job from the outbox (see [`crate::outbox`]),
-//! then run its two parts at once, each paging through the author's
-//! followers on the claiming transaction's connection:
+//! then run its two parts at once, each reading the author's followers
+//! in one streamed query on a PostgreSQL connection of its own:
 //!
 //! - **realtime**: group the followers by the gateway node that owns them
 //!   and publish one event message per group to `feed.events`, persistent
-//!   and with publisher confirms;
+//!   and with publisher confirms. It reads on the claiming transaction's
+//!   connection, which nothing else uses meanwhile;
 //! - **feeds**: cache the post's body and put its id into every
-//!   follower's feed (one Redis pipeline per page).
+//!   follower's feed (one Redis pipeline per page, a few in flight). It
+//!   reads on a second pooled connection, so that its many round trips
+//!   never queue in front of the realtime part's rows.
 //!
 //! Neither part waits for the other: a post to 100,000 followers reaches
 //! their devices while most of their feeds are still being written (the
@@ -15,11 +18,14 @@
 //! row deleted in the transaction that claimed it, only when both parts
 //! are; if either fails (or the worker dies) the whole job is redone.
 //!
-//! Memory stays bounded whatever the follower count: followers are read a
-//! page at a time ([`REALTIME_PAGE`], [`FOLLOWER_PAGE`]), a group is
-//! flushed once it holds [`MAX_RECIPIENTS_PER_MESSAGE`], all groups are
-//! flushed once [`MAX_BUFFERED_RECIPIENTS`] are waiting, and at most
-//! [`MAX_UNCONFIRMED`] messages wait for their confirm.
+//! Memory stays bounded whatever the follower count: a streamed query
+//! hands rows over only as fast as they are consumed (tokio-postgres
+//! stops reading the socket when its one-message channel is full), a
+//! group is flushed once it holds [`MAX_RECIPIENTS_PER_MESSAGE`], all
+//! groups are flushed once [`MAX_BUFFERED_RECIPIENTS`] are waiting, at
+//! most [`MAX_UNCONFIRMED`] messages wait for their confirm and at most
+//! [`FEED_PIPELINES_IN_FLIGHT`] pages of [`FOLLOWER_PAGE`] are written at
+//! once.
 //!
 //! A redone job may duplicate events but never loses a recipient: feed
 //! writes are idempotent (a sorted set) and devices detect duplicate
@@ -40,6 +46,7 @@ use contract::ring::Ring;
 use contract::slot::{SLOTS, slot_of};
 use contract::topology;
 use deadpool_postgres::GenericClient;
+use futures_util::TryStreamExt;
 use lapin::PublisherConfirm;
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
@@ -49,14 +56,15 @@ use crate::feed::Post;
 use crate::outbox::{self, Job, JobKind};
 use crate::state::Backend;
 
-/// Followers read from PostgreSQL, and feeds written to Redis, per round
-/// trip of the feed part: large enough to amortize the round trips, small
+/// Feeds written to Redis per pipeline (and followers read per round
+/// trip by a delete job): large enough to amortize the round trips, small
 /// enough that a page (3 commands per follower) is a few hundred KiB.
 pub const FOLLOWER_PAGE: usize = 1000;
-/// Followers read per round trip of the realtime part: an event message
-/// holds up to [`MAX_RECIPIENTS_PER_MESSAGE`] of them, so reading them in
-/// pages of 1,000 would only add round trips before the first publish.
-pub const REALTIME_PAGE: usize = 5000;
+/// Feed pipelines of one job waiting for Redis at once: one would leave
+/// Redis idle for a round trip and an encode between pages; a few keep
+/// it busy without letting one job's 100,000 followers queue megabytes
+/// of commands in front of everyone else's reads.
+pub const FEED_PIPELINES_IN_FLIGHT: usize = 4;
 /// Event messages published and not yet confirmed, per job: the broker
 /// confirms persistent messages after its disk write (a few ms, batched),
 /// so waiting for each before the next would serialize those waits.
@@ -175,7 +183,7 @@ pub async fn run_job(backend: &Backend, db: &impl GenericClient, link: &mut Link
                     anyhow::Ok(())
                 },
                 async {
-                    feeds(backend, db, &job.author_id, &post).await?;
+                    feeds(backend, &job.author_id, &post).await?;
                     backend.metrics.fanout_part_done(Part::Feeds, started.elapsed());
                     anyhow::Ok(())
                 },
@@ -219,7 +227,9 @@ async fn load_post(db: &impl GenericClient, id: &str) -> anyhow::Result<Option<P
 }
 
 /// The realtime part: every follower in an event message to the node
-/// that owns it, every message confirmed.
+/// that owns it, every message confirmed. Followers are streamed in one
+/// query rather than paged: paging would add a round trip (and an index
+/// descent) per page before the next publish.
 async fn realtime(
     backend: &Backend,
     db: &impl GenericClient,
@@ -232,42 +242,45 @@ async fn realtime(
     let ev = PostEvent::new(&post.id, &post.text, &post.author_user_id, ts_ms);
     let mut groups = Groups::new(&ring);
     let mut out = Outgoing::default();
-    let mut after = String::new();
-    loop {
-        let page = followers_page(db, author, &after, REALTIME_PAGE).await?;
-        let Some(last) = page.last() else { break };
-        after = last.clone();
-        for f in &page {
-            if let Some(full) = groups.push(f) {
-                out.publish(backend, link, &ev, vec![full]).await?;
-            }
+    let rows = all_followers(db, author).await?;
+    futures_util::pin_mut!(rows);
+    while let Some(row) = rows.try_next().await.context("reading followers")? {
+        let follower: &str = row.get(0);
+        if let Some(full) = groups.push(follower) {
+            out.publish(backend, link, &ev, vec![full]).await?;
         }
         if groups.buffered >= MAX_BUFFERED_RECIPIENTS {
             out.publish(backend, link, &ev, groups.take_all()).await?;
         }
-        backend.metrics.fanout_recipients.increment(page.len() as u64);
-        if page.len() < REALTIME_PAGE {
-            break;
-        }
+        backend.metrics.fanout_recipients.increment(1);
     }
     out.publish(backend, link, &ev, groups.take_all()).await?;
     out.confirm_all(backend).await
 }
 
 /// The feed part: the post's body cached, its id in every follower's
-/// feed. The next page is read while the current one is written.
-async fn feeds(backend: &Backend, db: &impl GenericClient, author: &str, post: &Post) -> anyhow::Result<()> {
+/// feed, [`FEED_PIPELINES_IN_FLIGHT`] pages at a time, on a connection of
+/// its own (see the module comment). Rows are read on while pages wait
+/// for Redis; the stream stops when the pipelines in flight are full.
+async fn feeds(backend: &Backend, author: &str, post: &Post) -> anyhow::Result<()> {
     backend.feed.put_post(post).await.context("caching the post")?;
-    let mut page = followers_page(db, author, "", FOLLOWER_PAGE).await?;
-    while let Some(last) = page.last().cloned() {
-        let more = page.len() == FOLLOWER_PAGE;
-        let (written, next) = tokio::join!(backend.feed.add(&post.id, &page), async {
-            if more { followers_page(db, author, &last, FOLLOWER_PAGE).await } else { Ok(Vec::new()) }
-        });
-        written.context("writing feeds")?;
-        page = next?;
-    }
-    Ok(())
+    let db = backend.db.get().await.context("database pool (feed part)")?;
+    all_followers(&db, author)
+        .await?
+        .map_ok(|row| row.get::<_, String>(0))
+        .try_chunks(FOLLOWER_PAGE)
+        .map_err(|e| anyhow::Error::new(e.1).context("reading followers"))
+        .try_for_each_concurrent(FEED_PIPELINES_IN_FLIGHT, |page| async move {
+            backend.feed.add(&post.id, &page).await.context("writing feeds")
+        })
+        .await
+}
+
+/// All of an author's followers, streamed.
+async fn all_followers(db: &impl GenericClient, author: &str) -> anyhow::Result<tokio_postgres::RowStream> {
+    db.query_raw("SELECT follower_id FROM follows WHERE followee_id = $1", &[&author])
+        .await
+        .context("reading followers")
 }
 
 /// The next page (at most `limit`) of an author's followers after
