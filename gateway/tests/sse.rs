@@ -270,10 +270,19 @@ async fn last_event_id_recovers_exactly_the_missed_events() {
     }
     drop(sse);
     wait_for("device gone", || async { node.gw.sessions.device_count_of(&user) == 0 }).await;
-    // Missed while away.
+    // Missed while away. The node must have consumed them before the
+    // device is back: one consumed later would reach it live too, after
+    // the replay (a duplicate, which at-least-once allows but this test
+    // would read as the live event; CI saw it under load).
+    let addr = node.addr;
+    let before = metric(addr, "gateway_broker_messages_total").await;
     for p in &posts[2..5] {
         post_like_backend(&mut redis, &publisher, &ring, &recipients, p).await;
     }
+    wait_for("the node consumed the missed posts", || async move {
+        metric(addr, "gateway_broker_messages_total").await >= before + 3.0
+    })
+    .await;
     // What EventSource does on a reconnect: the same URL (whose `since`
     // was the first connect's) and Last-Event-ID, which wins.
     let query = format!("&since={}", posts[0].id);
