@@ -310,9 +310,17 @@ async fn a_device_far_behind_gets_recovery_cut_as_a_named_event() {
     let mut redis = redis_conn().await;
     let ring = node.gw.ring();
     let posts: Vec<PostEvent> = (0..5).map(|i| post(&post_id(i))).collect();
+    let addr = node.addr;
+    let before = metric(addr, "gateway_broker_messages_total").await;
     for p in &posts {
         post_like_backend(&mut redis, &publisher, &ring, std::slice::from_ref(&user), p).await;
     }
+    // Consumed (and dropped: no device yet) before the device connects,
+    // so that none arrives live among the replay's frames.
+    wait_for("the node consumed the posts", || async move {
+        metric(addr, "gateway_broker_messages_total").await >= before + 5.0
+    })
+    .await;
     let mut sse = Sse::open(node.addr, &user, "", &format!("last-event-id: {}\r\n", posts[0].id)).await;
     let cut = sse.next_event().await;
     assert_eq!(cut.event.as_deref(), Some("recovery_cut"), "{cut:?}");
