@@ -79,7 +79,9 @@ def run_block(name, title=None):
         w(f"| latency p50 / p90 / p99 / p99.9 / max (ms) | {l['p50']:.2f} / {l['p90']:.2f} / **{l['p99']:.2f}** / {l['p999']:.2f} / {l['max']:.2f} |")
         if floor_rate:
             w(f"| deliveries per second / floor | **{r['deliveries_per_s'] / floor_rate:.2f}** (floor {num(floor_rate)} messages/s) |")
-    if r.get("server_cpu"):
+    # A run whose servers' CPU was not sampled (no pids given: the
+    # celebrity's runs) reports zeros; say nothing rather than 0.00 us.
+    if r.get("server_cpu") and (r["server_cpu"]["publish_cpu_s"] or r["server_cpu"]["hold_cpu_s"]):
         sc = r["server_cpu"]
         w(f"| server CPU per delivery (publishing - holding, kernel included) | **{sc['us_per_delivery']:.2f} µs** ({sc['publish_cpu_s']:.2f} CPU s over {sc['publish_window_s']:.1f} s, {sc['publish_cores']:.2f} cores; held {sc['hold_cpu_s']:.2f} CPU s over {sc['hold_window_s']:.1f} s) |")
     if r.get("publish_errors"):
