@@ -57,8 +57,8 @@ use crate::feed::Post;
 use crate::outbox::{self, Job, JobKind};
 use crate::state::Backend;
 
-/// Feeds written to Redis per pipeline (and followers read per round
-/// trip by a delete job): large enough to amortize the round trips, small
+/// Feeds written (or, for a deleted post, cleaned) per Redis pipeline:
+/// large enough to amortize the round trips, small
 /// enough that a page (3 commands per follower) is a few hundred KiB.
 pub const FOLLOWER_PAGE: usize = 1000;
 /// Feed pipelines of one job waiting for Redis at once: one would leave
@@ -217,16 +217,12 @@ pub async fn run_job(
         }
         JobKind::Delete => {
             backend.feed.forget_post(&job.post_id).await.context("forgetting the post")?;
-            let mut after = String::new();
-            loop {
-                let page = followers_page(db, &job.author_id, &after, FOLLOWER_PAGE).await?;
-                let Some(last) = page.last() else { break };
-                after = last.clone();
-                backend.feed.remove(&job.post_id, &page).await.context("writing feeds")?;
-                if page.len() < FOLLOWER_PAGE {
-                    break;
-                }
-            }
+            follower_pages(db, &job.author_id)
+                .await?
+                .try_for_each(
+                    |page| async move { backend.feed.remove(&job.post_id, &page).await.context("writing feeds") },
+                )
+                .await?;
         }
     }
     Ok(())
@@ -279,11 +275,8 @@ async fn realtime(
 async fn feeds(backend: &Backend, author: &str, post: &Post) -> anyhow::Result<()> {
     backend.feed.put_post(post).await.context("caching the post")?;
     let db = backend.db.get().await.context("database pool (feed part)")?;
-    all_followers(&db, author)
+    follower_pages(&db, author)
         .await?
-        .map_ok(|row| row.get::<_, String>(0))
-        .try_chunks(FOLLOWER_PAGE)
-        .map_err(|e| anyhow::Error::new(e.1).context("reading followers"))
         .try_for_each_concurrent(FEED_PIPELINES_IN_FLIGHT, |page| async move {
             backend.feed.add(&post.id, &page).await.context("writing feeds")
         })
@@ -297,23 +290,17 @@ async fn all_followers(db: &impl GenericClient, author: &str) -> anyhow::Result<
         .context("reading followers")
 }
 
-/// The next page (at most `limit`) of an author's followers after
-/// `after`, in id order.
-async fn followers_page(
+/// All of an author's followers, streamed in one query, in pages of
+/// [`FOLLOWER_PAGE`] (the last one shorter).
+async fn follower_pages(
     db: &impl GenericClient,
     author: &str,
-    after: &str,
-    limit: usize,
-) -> anyhow::Result<Vec<String>> {
-    let rows = db
-        .query(
-            "SELECT follower_id FROM follows WHERE followee_id = $1 AND follower_id > $2 \
-             ORDER BY follower_id LIMIT $3",
-            &[&author, &after, &(limit as i64)],
-        )
-        .await
-        .context("reading followers")?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+) -> anyhow::Result<impl futures_util::TryStream<Ok = Vec<String>, Error = anyhow::Error>> {
+    Ok(all_followers(db, author)
+        .await?
+        .map_ok(|row| row.get::<_, String>(0))
+        .try_chunks(FOLLOWER_PAGE)
+        .map_err(|e| anyhow::Error::new(e.1).context("reading followers")))
 }
 
 /// The event messages of one job: published as their groups fill, their
