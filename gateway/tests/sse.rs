@@ -274,15 +274,11 @@ async fn last_event_id_recovers_exactly_the_missed_events() {
     // device is back: one consumed later would reach it live too, after
     // the replay (a duplicate, which at-least-once allows but this test
     // would read as the live event; CI saw it under load).
-    let addr = node.addr;
-    let before = metric(addr, "gateway_broker_messages_total").await;
+    let before = consumed(node.addr).await;
     for p in &posts[2..5] {
         post_like_backend(&mut redis, &publisher, &ring, &recipients, p).await;
     }
-    wait_for("the node consumed the missed posts", || async move {
-        metric(addr, "gateway_broker_messages_total").await >= before + 3.0
-    })
-    .await;
+    wait_consumed(node.addr, before + 3.0).await;
     // What EventSource does on a reconnect: the same URL (whose `since`
     // was the first connect's) and Last-Event-ID, which wins.
     let query = format!("&since={}", posts[0].id);
@@ -310,17 +306,13 @@ async fn a_device_far_behind_gets_recovery_cut_as_a_named_event() {
     let mut redis = redis_conn().await;
     let ring = node.gw.ring();
     let posts: Vec<PostEvent> = (0..5).map(|i| post(&post_id(i))).collect();
-    let addr = node.addr;
-    let before = metric(addr, "gateway_broker_messages_total").await;
+    let before = consumed(node.addr).await;
     for p in &posts {
         post_like_backend(&mut redis, &publisher, &ring, std::slice::from_ref(&user), p).await;
     }
     // Consumed (and dropped: no device yet) before the device connects,
     // so that none arrives live among the replay's frames.
-    wait_for("the node consumed the posts", || async move {
-        metric(addr, "gateway_broker_messages_total").await >= before + 5.0
-    })
-    .await;
+    wait_consumed(node.addr, before + 5.0).await;
     let mut sse = Sse::open(node.addr, &user, "", &format!("last-event-id: {}\r\n", posts[0].id)).await;
     let cut = sse.next_event().await;
     assert_eq!(cut.event.as_deref(), Some("recovery_cut"), "{cut:?}");
@@ -595,4 +587,14 @@ async fn metrics_count_devices_by_transport() {
         metric(node.addr, "gateway_connections_by_transport{transport=\"sse\"}").await == 1.0
     })
     .await;
+}
+
+/// Broker messages the node has consumed so far.
+async fn consumed(node: SocketAddr) -> f64 {
+    metric(node, "gateway_broker_messages_total").await
+}
+
+/// Waits until the node has consumed `total` broker messages.
+async fn wait_consumed(node: SocketAddr, total: f64) {
+    wait_for("the node consumed the posts", || async move { consumed(node).await >= total }).await;
 }

@@ -286,23 +286,25 @@ pub async fn next_event(ws: &mut Ws) -> PostEvent {
 }
 
 pub async fn next_event_within(ws: &mut Ws, within: Duration) -> Option<PostEvent> {
+    let text = next_text_within(ws, within).await?;
+    Some(serde_json::from_str(&text).expect("event is JSON"))
+}
+
+/// The next text frame as sent, skipping control frames (the keepalive
+/// may ping a new device within its first second); panics on close or
+/// timeout.
+pub async fn next_text(ws: &mut Ws) -> String {
+    next_text_within(ws, WAIT).await.expect("a text frame arrives")
+}
+
+/// The next text frame within `within` (`None`: none came), skipping
+/// control frames; panics on anything else.
+async fn next_text_within(ws: &mut Ws, within: Duration) -> Option<String> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()?;
         match msg {
-            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).expect("event is JSON")),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("expected an event, got {other:?}"),
-        }
-    }
-}
-
-/// The next text frame as sent, skipping control frames (the keepalive
-/// may ping a new device within its first second); panics otherwise.
-pub async fn next_text(ws: &mut Ws) -> String {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("a text frame arrives") {
-            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(Message::Text(t))) => return Some(t.to_string()),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             other => panic!("expected a text frame, got {other:?}"),
         }
